@@ -133,8 +133,6 @@ class Chat:
     message: str
 
 
-
-
 @frozen
 class Unknown:
     """A first line that names no request: ignored without a reply (PROTOCOL.md section 3)."""
