@@ -16,9 +16,13 @@ from trio_chat.server import serve
 log = logging.getLogger("trio_chat")
 
 
-def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+Commands = argparse._SubParsersAction[argparse.ArgumentParser]  # argparse keeps the name private
+
+
+def _serve_parser(commands: Commands) -> None:
     defaults = Config()
     parser = commands.add_parser("serve", help="run the chat server in the foreground")
+    parser.set_defaults(run=_run_serve)
     parser.add_argument("--port", type=int, required=True, help="TCP port (0: any free port)")
     parser.add_argument("--host", default=None, help="address to listen on (default: all)")
     parser.add_argument(
@@ -62,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="logging threshold (default: INFO)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    # Each command adds its own parser and sets ``run``: a function of the parsed arguments
+    # that returns the exit status.
     _serve_parser(commands)
     return parser
 
@@ -108,10 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
     )
-    if args.command == "serve":
-        try:
-            config = config_from_args(args)
-        except ValueError as exc:
-            parser.error(str(exc))
-        trio.run(run_server, config)
+    try:
+        status: int = args.run(args)
+    except ValueError as exc:  # settings that do not make sense, reported like bad options
+        parser.error(str(exc))
+    return status
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    trio.run(run_server, config_from_args(args))
     return 0
