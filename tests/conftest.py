@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import trio
@@ -27,15 +27,41 @@ def memory_server() -> ChatServer:
     return ChatServer(Config(student_id="test-id"))
 
 
+# The address an in-memory client "connected to": what HELO and JOINED report for it.
+MEMORY_IP = "10.1.2.3"
+MEMORY_PORT = 7000
+
+
+def open_memory_connection(
+    server: ChatServer, nursery: trio.Nursery, peer: str = "memory"
+) -> tuple[Client, trio.Event]:
+    """Serve a new in-memory connection on `server` in `nursery`.
+
+    Returns the client and an event set once the server has finished with the connection
+    (its `handle_stream` returned), for tests of when a connection ends.
+    """
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    finished = trio.Event()
+
+    async def handle() -> None:
+        try:
+            await server.handle_stream(server_stream, local=(MEMORY_IP, MEMORY_PORT), peer=peer)
+        finally:
+            finished.set()
+
+    nursery.start_soon(handle)
+    return Client(client_stream), finished
+
+
+ConnectMemory = Callable[..., Client]
+"""The type of the `connect_memory` fixture: ``connect(peer="memory") -> Client``."""
+
+
 @pytest.fixture
-def connect_memory(memory_server: ChatServer, nursery: trio.Nursery) -> object:
+def connect_memory(memory_server: ChatServer, nursery: trio.Nursery) -> ConnectMemory:
     """A function that opens a new in-memory connection to `memory_server`."""
 
     def connect(peer: str = "memory") -> Client:
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        nursery.start_soon(
-            lambda: memory_server.handle_stream(server_stream, local=("10.1.2.3", 7000), peer=peer)
-        )
-        return Client(client_stream)
+        return open_memory_connection(memory_server, nursery, peer)[0]
 
     return connect
