@@ -1,14 +1,14 @@
 """How identifiers are allocated and how room events reach members.
 
-A broker is the boundary between one process and the service: `LocalBroker` serves a
-single process from memory. Room logic (`rooms.py`) and the protocol do not change with the
-broker; only where ROOM_REF and JOIN_ID come from and the order in which `RoomEvent`s are
-applied do.
+A broker is the boundary between one process and the service: `LocalBroker` serves a single
+process from memory; `redis_broker.RedisBroker` makes several processes one service. Room logic
+(`rooms.py`) and the protocol do not change with the broker; only where ROOM_REF and JOIN_ID
+come from and the order in which `RoomEvent`s are applied do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from attrs import define, field
@@ -20,6 +20,12 @@ class Broker(Protocol):
     """What the server needs from a broker."""
 
     registry: Registry
+    on_kill: Callable[[str], None]
+    """Called when KILL_SERVICE reaches this process from elsewhere in the service."""
+
+    def check_available(self) -> None:
+        """Raise `ProtocolError` (error 6) if requests cannot be served right now."""
+        ...
 
     async def join(
         self,
@@ -37,12 +43,24 @@ class Broker(Protocol):
         """Have `events` applied, in order, wherever their rooms' members are."""
         ...
 
+    def kill_service(self, reason: str) -> None:
+        """Have every other process of the service stop too."""
+        ...
+
+    def release(self, session: Session) -> None:
+        """The connection of `session` has ended (after leaving its rooms)."""
+        ...
+
 
 @define
 class LocalBroker:
     """The single-process broker: identifiers from counters in memory, events applied at once."""
 
     registry: Registry = field(factory=Registry)
+    on_kill: Callable[[str], None] = lambda reason: None
+
+    def check_available(self) -> None:
+        """Memory is always available."""
 
     async def join(
         self,
@@ -64,3 +82,9 @@ class LocalBroker:
         apply = self.registry.apply
         for event in events:
             apply(event)
+
+    def kill_service(self, reason: str) -> None:
+        """Nothing to do: this process is the whole service."""
+
+    def release(self, session: Session) -> None:
+        """Nothing to do: no state outlives the session's memberships."""

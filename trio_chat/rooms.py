@@ -48,8 +48,8 @@ class Room:
 
     ref: int
     name: str
-    members: dict[Recipient, str] = field(factory=dict)
-    """Who receives the room's broadcasts, in joining order, with the name each joined with."""
+    members: dict[Recipient, None] = field(factory=dict)
+    """Who receives the room's broadcasts, in joining order (a dict as an ordered set)."""
 
 
 @frozen
@@ -63,7 +63,6 @@ class RoomEvent:
     room_ref: int
     data: bytes
     joining: Session | None = None
-    joining_name: str = ""
     leaving: Session | None = None
 
 
@@ -116,6 +115,14 @@ class Registry:
         """The room with `room_ref`, if it exists here."""
         return self._by_ref.get(room_ref)
 
+    def room_name(self, room_ref: int) -> str:
+        """The name of the room with `room_ref`, which must exist."""
+        return self._by_ref[room_ref].name
+
+    def room_names(self) -> list[tuple[str, int]]:
+        """Every room as (name, ROOM_REF)."""
+        return [(room.name, room.ref) for room in self._by_ref.values()]
+
     # -- requests (step 1) -----------------------------------------------------------------
 
     def join(
@@ -139,7 +146,7 @@ class Registry:
         session.rooms[room_ref] = client_name
         reply = protocol.encode_joined(room.name, server_ip, server_port, room_ref, session.join_id)
         announcement = protocol.encode_joined_announcement(room_ref, client_name)
-        event = RoomEvent(room_ref, announcement, joining=session, joining_name=client_name)
+        event = RoomEvent(room_ref, announcement, joining=session)
         return Outcome(reply, (event,))
 
     def leave(self, session: Session, room_ref: int, join_id: int) -> Outcome:
@@ -179,7 +186,7 @@ class Registry:
         room = self._by_ref[event.room_ref]
         members = room.members
         if event.joining is not None:
-            members[event.joining.recipient] = event.joining_name
+            members[event.joining.recipient] = None
         data = event.data
         for recipient in members:
             recipient.push(data)

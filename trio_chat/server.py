@@ -12,6 +12,7 @@ in-memory streams with no sockets at all.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -68,11 +69,18 @@ class ChatServer:
 
     def __attrs_post_init__(self) -> None:
         self.broker.registry.max_rooms_per_session = self.config.max_rooms_per_connection
+        self.broker.on_kill = functools.partial(self.shutdown, everywhere=False)
 
-    def shutdown(self, reason: str) -> None:
-        """Stop the whole service: stop accepting, close every connection, return from serve."""
-        if not self.shutdown_scope.cancel_called:
-            log.info("shutting down: %s", reason)
+    def shutdown(self, reason: str, *, everywhere: bool = True) -> None:
+        """Stop the service: stop accepting, close every connection, return from `serve`.
+
+        With `everywhere`, every other process of a multi-process service stops too.
+        """
+        if self.shutdown_scope.cancel_called:
+            return
+        log.info("shutting down: %s", reason)
+        if everywhere:
+            self.broker.kill_service(reason)
         self.shutdown_scope.cancel()
 
     async def handle_stream(
@@ -202,6 +210,7 @@ class Connection:
         finally:
             self.outbox.abandon()
             self._leave_all()
+            self.broker.release(self.session)
             await trio.aclose_forcefully(self.stream)
             if self.outbox.overflowed:
                 self.ending = "too slow"
@@ -286,10 +295,12 @@ class Connection:
         registry = self.broker.registry
         try:
             if type(event) is Chat:
+                self.broker.check_available()
                 outcome = registry.chat(
                     self.session, event.room_ref, event.client_name, event.message
                 )
             elif type(event) is Leave:
+                self.broker.check_available()
                 outcome = registry.leave(self.session, event.room_ref, event.join_id)
                 if outcome.events:
                     log.info("%s left room %d", self.peer, event.room_ref)
