@@ -100,6 +100,20 @@ class Client:
                     break
         assert bytes(self.buffer) == b""
 
+    async def expect_error(self, code: int) -> str:
+        """Assert the next reply is an ERROR_CODE `code` with a one-line description; return it."""
+        await self.expect(f"ERROR_CODE: {code}\nERROR_DESCRIPTION: ")
+        description = (await self.receive_until(b"\n")).decode()
+        assert description.strip(), "the error has no description"
+        return description[:-1]
+
+    async def send_eof(self) -> None:
+        """End the sending side (half-close) and keep receiving; close if it cannot half-close."""
+        if isinstance(self.stream, trio.abc.HalfCloseableStream):
+            await self.stream.send_eof()
+        else:
+            await self.stream.aclose()
+
     async def aclose(self) -> None:
         """Close the connection."""
         await self.stream.aclose()
@@ -109,3 +123,60 @@ class Client:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+# -- the wire text of requests and replies (PROTOCOL.md sections 1 and 2), written out here
+# rather than taken from trio_chat.protocol so that tests check the bytes independently.
+
+
+def join_request(room: str, name: str) -> str:
+    """A JOIN_CHATROOM request, as TCP clients send it (CLIENT_IP and PORT 0)."""
+    return f"JOIN_CHATROOM: {room}\nCLIENT_IP: 0\nPORT: 0\nCLIENT_NAME: {name}\n"
+
+
+def leave_request(room_ref: int, join_id: int, name: str) -> str:
+    """A LEAVE_CHATROOM request."""
+    return f"LEAVE_CHATROOM: {room_ref}\nJOIN_ID: {join_id}\nCLIENT_NAME: {name}\n"
+
+
+def chat_request(room_ref: int, join_id: int, name: str, message: str) -> str:
+    """A CHAT request; `message` may span several lines."""
+    return f"CHAT: {room_ref}\nJOIN_ID: {join_id}\nCLIENT_NAME: {name}\nMESSAGE: {message}\n\n"
+
+
+def disconnect_request(name: str) -> str:
+    """A DISCONNECT request, as TCP clients send it (address and port 0)."""
+    return f"DISCONNECT: 0\nPORT: 0\nCLIENT_NAME: {name}\n"
+
+
+def helo_reply(text: str, ip: str, port: int, student_id: str) -> str:
+    """The server's reply to ``HELO <text>``."""
+    return f"HELO {text}\nIP:{ip}\nPort:{port}\nStudentID:{student_id}\n"
+
+
+def joined_reply(room: str, ip: str, port: int, room_ref: int, join_id: int) -> str:
+    """The JOINED_CHATROOM reply."""
+    return (
+        f"JOINED_CHATROOM: {room}\nSERVER_IP: {ip}\nPORT: {port}\n"
+        f"ROOM_REF: {room_ref}\nJOIN_ID: {join_id}\n"
+    )
+
+
+def left_reply(room_ref: int, join_id: int) -> str:
+    """The LEFT_CHATROOM reply."""
+    return f"LEFT_CHATROOM: {room_ref}\nJOIN_ID: {join_id}\n"
+
+
+def chat_broadcast(room_ref: int, name: str, message: str) -> str:
+    """A CHAT as room members receive it."""
+    return f"CHAT: {room_ref}\nCLIENT_NAME: {name}\nMESSAGE: {message}\n\n"
+
+
+def joined_announcement(room_ref: int, name: str) -> str:
+    """The broadcast announcing that `name` joined."""
+    return chat_broadcast(room_ref, name, f"{name} has joined this chatroom.")
+
+
+def left_announcement(room_ref: int, name: str) -> str:
+    """The broadcast announcing that `name` left."""
+    return chat_broadcast(room_ref, name, f"{name} has left this chatroom.")
