@@ -28,7 +28,7 @@ install() {
     fi
     echo "trio-chat: installing into $venv (first run only)" >&2
     "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root" >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[redis]" >&2
     cp "$root/pyproject.toml" "$stamp"
 }
 

@@ -43,6 +43,10 @@ class Broker(Protocol):
         """Have `events` applied, in order, wherever their rooms' members are."""
         ...
 
+    def reply(self, session: Session, data: bytes) -> None:
+        """Send `data` to `session` after every event it published before."""
+        ...
+
     def kill_service(self, reason: str) -> None:
         """Have every other process of the service stop too."""
         ...
@@ -82,6 +86,10 @@ class LocalBroker:
         apply = self.registry.apply
         for event in events:
             apply(event)
+
+    def reply(self, session: Session, data: bytes) -> None:
+        """Send at once: events are applied as they are published, so none is pending."""
+        session.recipient.push(data)
 
     def kill_service(self, reason: str) -> None:
         """Nothing to do: this process is the whole service."""

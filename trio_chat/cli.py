@@ -7,16 +7,21 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
+from trio_chat import terminal
 from trio_chat.config import Config
 from trio_chat.server import serve
 
+if TYPE_CHECKING:
+    from trio_chat.redis_broker import RedisSettings
+
+    # The subparsers object each command adds its parser to (argparse keeps the name private).
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+
 log = logging.getLogger("trio_chat")
-
-
-Commands = argparse._SubParsersAction[argparse.ArgumentParser]  # argparse keeps the name private
 
 
 def _serve_parser(commands: Commands) -> None:
@@ -31,6 +36,30 @@ def _serve_parser(commands: Commands) -> None:
         help="IP reported by HELO and JOINED (default: the one each client connected to)",
     )
     parser.add_argument("--student-id", default=defaults.student_id, help="HELO's StudentID")
+    cluster = parser.add_argument_group("several processes as one service")
+    cluster.add_argument(
+        "--redis",
+        metavar="URL",
+        default=None,
+        help="share rooms with other nodes through Redis at URL (redis://HOST:PORT/DB)",
+    )
+    cluster.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run N processes on the port, sharing rooms through --redis (default: 1)",
+    )
+    cluster.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="listen with SO_REUSEPORT (set for each worker by --workers)",
+    )
+    cluster.add_argument(
+        "--node-timeout",
+        type=float,
+        default=None,
+        help="seconds after which a silent node's members are announced as left (default: 5)",
+    )
     limits = parser.add_argument_group("limits and timeouts (PROTOCOL.md section 6)")
     for name, help_text in _TUNABLES.items():
         value = getattr(defaults, name)
@@ -69,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Each command adds its own parser and sets ``run``: a function of the parsed arguments
     # that returns the exit status.
     _serve_parser(commands)
+    terminal.add_parser(commands)
     return parser
 
 
@@ -78,13 +108,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         host=args.host,
         port=args.port,
+        reuse_port=args.reuse_port,
         advertise_ip=args.advertise_ip,
         student_id=args.student_id,
         **tunables,
     )
 
 
-async def run_server(config: Config) -> None:
+async def run_server(config: Config, redis: RedisSettings | None = None) -> None:
     """Serve until KILL_SERVICE, SIGINT or SIGTERM; each ends the process cleanly."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -95,7 +126,13 @@ async def run_server(config: Config) -> None:
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_on_signal)
-            await serve(config)
+            if redis is None:
+                await serve(config)
+            else:
+                from trio_chat.redis_broker import RedisBroker  # needs the "redis" extra
+
+                async with RedisBroker.connect(redis) as broker:
+                    await serve(config, broker=broker)
             nursery.cancel_scope.cancel()
 
 
@@ -114,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
     )
+    # coredis reports each first use of a Lua script at INFO; only its problems matter here.
+    logging.getLogger("coredis").setLevel(
+        max(logging.WARNING, logging.getLevelName(args.log_level))
+    )
     try:
         status: int = args.run(args)
     except ValueError as exc:  # settings that do not make sense, reported like bad options
@@ -122,5 +163,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    trio.run(run_server, config_from_args(args))
+    config = config_from_args(args)
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    if args.workers > 1:
+        if args.redis is None:
+            raise ValueError("--workers needs --redis: the workers share their rooms through it")
+        if config.port == 0:
+            raise ValueError("--workers needs a fixed --port: every worker listens on it")
+        from trio_chat.workers import supervise
+
+        return trio.run(supervise, sys.argv[1:], args.workers)
+    trio.run(run_server, config, redis_settings_from_args(args))
     return 0
+
+
+def redis_settings_from_args(args: argparse.Namespace) -> RedisSettings | None:
+    """The Redis settings named on the command line, or None for a single process."""
+    if args.redis is None:
+        return None
+    from trio_chat.redis_broker import RedisSettings
+
+    if args.node_timeout is None:
+        return RedisSettings(url=args.redis)
+    if args.node_timeout <= 0:
+        raise ValueError("--node-timeout must be positive")
+    interval = min(RedisSettings(url=args.redis).heartbeat_interval, args.node_timeout / 3)
+    return RedisSettings(
+        url=args.redis, heartbeat_ttl=args.node_timeout, heartbeat_interval=interval
+    )

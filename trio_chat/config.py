@@ -23,6 +23,9 @@ class Config:
     """Address to listen on; None listens on every address (IPv4 and IPv6)."""
     port: int = 0
     """TCP port to listen on; 0 picks a free one (reported through `serve`'s task_status)."""
+    reuse_port: bool = False
+    """Listen with SO_REUSEPORT, so several processes share the port and the kernel spreads
+    connections among them (``--workers``). IPv4 only when no host is given."""
     advertise_ip: str | None = None
     """IP reported in HELO and JOINED; None reports the address each client connected to."""
     student_id: str = "trio-chat"

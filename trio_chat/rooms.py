@@ -64,6 +64,8 @@ class RoomEvent:
     data: bytes
     joining: Session | None = None
     leaving: Session | None = None
+    sender: Session | None = None
+    """Whose request caused the event, when no one joins or leaves (a CHAT)."""
 
 
 @frozen
@@ -165,7 +167,11 @@ class Registry:
         if room_ref not in session.rooms:
             raise ProtocolError(ErrorCode.NOT_A_MEMBER, f"not a member of room {room_ref}")
         return Outcome(
-            events=(RoomEvent(room_ref, protocol.encode_chat(room_ref, client_name, message)),)
+            events=(
+                RoomEvent(
+                    room_ref, protocol.encode_chat(room_ref, client_name, message), sender=session
+                ),
+            )
         )
 
     def disconnect(self, session: Session) -> Outcome:

@@ -15,6 +15,7 @@ import errno
 import functools
 import logging
 import math
+import socket
 from collections.abc import Callable
 from typing import Literal
 
@@ -157,11 +158,27 @@ async def serve(
     the port with ``listeners[0].socket.getsockname()``.
     """
     server = ChatServer(config, broker if broker is not None else LocalBroker())
-    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    listeners = await open_listeners(config)
     for listener in listeners:
         address = listener.socket.getsockname()
         log.info("listening on %s port %d", address[0], address[1])
     await server.serve_listeners(listeners, task_status=task_status)
+
+
+async def open_listeners(config: Config) -> list[trio.SocketListener]:
+    """Bound, listening sockets for `config`; with `reuse_port`, one shareable IPv4 socket."""
+    if not config.reuse_port:
+        return await trio.open_tcp_listeners(config.port, host=config.host)
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+        await sock.bind((config.host or "0.0.0.0", config.port))
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return [trio.SocketListener(sock)]
 
 
 class Connection:
@@ -232,6 +249,11 @@ class Connection:
         finally:
             self._write_done.set()
 
+    def _reply(self, data: bytes) -> None:
+        # Through the broker: with a shared bus, a reply waits for the broadcasts of this
+        # connection's earlier requests, so the client sees everything in request order.
+        self.broker.reply(self.session, data)
+
     def _overflowed(self, outbox: Outbox) -> None:
         log.warning(
             "%s disconnected: outbound queue full (more than %d bytes unsent)",
@@ -284,7 +306,7 @@ class Connection:
                 buffer = LineBuffer(config.max_line)  # what it held is discarded
                 if self.ending is None:
                     log.info("%s: %s; closing", self.peer, error.description)
-                    self.outbox.push(protocol.encode_error(error))
+                    self._reply(protocol.encode_error(error))
                     self.ending = "too_large"
                     self._close_gracefully()
 
@@ -306,9 +328,7 @@ class Connection:
                     log.info("%s left room %d", self.peer, event.room_ref)
             elif type(event) is Helo:
                 config = self.config
-                self.outbox.push(
-                    protocol.encode_helo(event.text, self.ip, self.port, config.student_id)
-                )
+                self._reply(protocol.encode_helo(event.text, self.ip, self.port, config.student_id))
                 return False
             elif type(event) is Unknown:
                 log.info("%s: ignoring unknown line %.80r", self.peer, event.line)
@@ -324,10 +344,10 @@ class Connection:
                 assert isinstance(event, ProtocolError)
                 raise event
         except ProtocolError as error:
-            self.outbox.push(protocol.encode_error(error))
+            self._reply(protocol.encode_error(error))
             return False
         if outcome.reply is not None:
-            self.outbox.push(outcome.reply)
+            self._reply(outcome.reply)
         if outcome.events:
             self.broker.publish(outcome.events)
         return False
@@ -344,9 +364,9 @@ class Connection:
                 server_port=self.port,
             )
         except ProtocolError as error:
-            self.outbox.push(protocol.encode_error(error))
+            self._reply(protocol.encode_error(error))
             return
         log.info("%s joined %r as %r", self.peer, request.room_name, request.client_name)
         if outcome.reply is not None:
-            self.outbox.push(outcome.reply)
+            self._reply(outcome.reply)
         self.broker.publish(outcome.events)
