@@ -125,6 +125,16 @@ class Client:
         await self.aclose()
 
 
+async def expect_refused(port: int, host: str = "127.0.0.1") -> None:
+    """Assert that nothing listens on `host`:`port`: a TCP connection attempt is refused."""
+    with trio.socket.socket() as sock:
+        try:
+            await sock.connect((host, port))
+        except ConnectionRefusedError:
+            return
+    raise AssertionError(f"{host}:{port} accepted a connection")
+
+
 # -- the wire text of requests and replies (PROTOCOL.md sections 1 and 2), written out here
 # rather than taken from trio_chat.protocol so that tests check the bytes independently.
 
