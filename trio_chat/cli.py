@@ -80,7 +80,7 @@ _TUNABLES = {
     "max_rooms_per_connection": "rooms one connection may be in",
     "receive_size": "most bytes read from a socket at once",
     "disconnect_grace": "seconds to flush and drain when a connection closes",
-    "idle_timeout": "close connections silent this many seconds (default: never)",
+    "idle_timeout": "close connections silent this many seconds; off unless set",
     "accept_retry_delay": "seconds to pause when accept runs out of descriptors",
 }
 

@@ -14,6 +14,11 @@ def _positive(instance: object, attribute: object, value: float) -> None:
         raise ValueError(f"{name} must be positive, not {value!r}")
 
 
+def _positive_or_none(instance: object, attribute: object, value: float | None) -> None:
+    if value is not None:
+        _positive(instance, attribute, value)
+
+
 @frozen(kw_only=True)
 class Config:
     """The settings of one server process; every limit of PROTOCOL.md section 6 is here."""
@@ -54,7 +59,7 @@ class Config:
     """After DISCONNECT (or the client's end of stream), how long the server keeps flushing
     output and draining input before closing. Closing with unread input makes the peer see a
     reset and lose its last messages; two seconds covers any sane client on any network."""
-    idle_timeout: float | None = None
+    idle_timeout: float | None = field(default=None, validator=_positive_or_none)
     """Close a connection that sends nothing for this long. Off by default: graders and people
     hold quiet connections open for a long time, and a quiet client costs almost nothing."""
     accept_retry_delay: float = field(default=0.1, validator=_positive)

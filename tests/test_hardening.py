@@ -1,0 +1,565 @@
+"""Limits that keep the server up whatever one client does (PROTOCOL.md section 6).
+
+Slow consumers, oversize input, the connection limit and the rooms-per-connection limit, each
+over in-memory streams first and then over real sockets on 127.0.0.1. The figures are the
+issue's own (2000 messages of 1 KiB, 100 MiB without a newline): they run in a few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from tests.chatclient import RECEIVE_TIMEOUT, Client
+from trio_chat.cli import _TUNABLES, build_parser, config_from_args
+from trio_chat.config import KIB, MIB, Config
+from trio_chat.server import ChatServer, Connection
+
+# -- the wire, as PROTOCOL.md section 2 writes it ---------------------------------------------
+
+
+def join(room: str, name: str) -> str:
+    """A JOIN_CHATROOM request."""
+    return f"JOIN_CHATROOM: {room}\nCLIENT_IP: 0\nPORT: 0\nCLIENT_NAME: {name}\n"
+
+
+def chat(room_ref: int, name: str, message: str, join_id: int = 0) -> str:
+    """A CHAT request."""
+    return f"CHAT: {room_ref}\nJOIN_ID: {join_id}\nCLIENT_NAME: {name}\nMESSAGE: {message}\n\n"
+
+
+def broadcast(room_ref: int, name: str, message: str) -> bytes:
+    """A CHAT broadcast as every member receives it."""
+    return f"CHAT: {room_ref}\nCLIENT_NAME: {name}\nMESSAGE: {message}\n\n".encode()
+
+
+def joined(room: str, ip: str, port: int, room_ref: int, join_id: int) -> bytes:
+    """The JOINED_CHATROOM reply."""
+    return (
+        f"JOINED_CHATROOM: {room}\nSERVER_IP: {ip}\nPORT: {port}\n"
+        f"ROOM_REF: {room_ref}\nJOIN_ID: {join_id}\n"
+    ).encode()
+
+
+def error_reply(code: int) -> bytes:
+    """The start of an ERROR_CODE reply; the description that follows is free text."""
+    return f"ERROR_CODE: {code}\nERROR_DESCRIPTION: ".encode()
+
+
+async def expect_error(client: Client, code: int) -> None:
+    """Assert the next reply is ERROR_CODE `code` with a one-line description."""
+    assert await client.receive_exactly(len(error_reply(code))) == error_reply(code)
+    description = await client.receive_until(b"\n")
+    assert description.strip()
+
+
+async def read_broadcasts(client: Client, count: int) -> list[bytes]:
+    """The next `count` CHAT broadcasts (each ends with the blank line after its message)."""
+    return [await client.receive_until(b"\n\n") for _ in range(count)]
+
+
+# -- servers ----------------------------------------------------------------------------------
+
+StreamPair = Callable[[], tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]]
+
+
+class MemoryServer:
+    """A `ChatServer` whose clients connect over in-memory stream pairs."""
+
+    def __init__(self, server: ChatServer, nursery: trio.Nursery) -> None:
+        self.server = server
+        self.nursery = nursery
+
+    def connect(
+        self, peer: str = "memory", pair: StreamPair = trio.testing.memory_stream_pair
+    ) -> Client:
+        """A new client; `pair` makes the streams (lockstep ones model a client not reading)."""
+        client_stream, server_stream = pair()
+
+        async def handle() -> None:
+            await self.server.handle_stream(server_stream, local=("10.0.0.1", 7000), peer=peer)
+
+        self.nursery.start_soon(handle)
+        return Client(client_stream)
+
+
+@asynccontextmanager
+async def memory_server(config: Config) -> AsyncIterator[MemoryServer]:
+    """A server over memory streams; every connection task must end cleanly by the block's end.
+
+    Any exception escaping a connection fails the test through the nursery.
+    """
+    async with trio.open_nursery() as nursery:
+        yield MemoryServer(ChatServer(config), nursery)
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def tcp_server(config: Config) -> AsyncIterator[tuple[ChatServer, int]]:
+    """A server on 127.0.0.1 and a free port, in this process; yields it and its port."""
+    server = ChatServer(config)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_listeners, listeners)
+        yield server, listeners[0].socket.getsockname()[1]
+        server.shutdown("test over")
+
+
+async def connect_with_receive_buffer(port: int, size: int) -> Client:
+    """A TCP client whose socket receive buffer is `size` bytes (set before connecting)."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    await sock.connect(("127.0.0.1", port))
+    return Client(trio.SocketStream(sock))
+
+
+def connection_of(server: ChatServer, peer_prefix: str) -> Connection:
+    """The server's connection whose peer name starts with `peer_prefix`."""
+    (connection,) = [c for c in server.connections if c.peer.startswith(peer_prefix)]
+    return connection
+
+
+# -- slow consumers ---------------------------------------------------------------------------
+
+MESSAGES = 2000
+MESSAGE_TEXT = "x" * (1 * KIB - 5)
+
+
+def numbered(i: int) -> str:
+    """Message `i` of the busy room: 1 KiB of text that says its own position."""
+    return f"{i:04d}|{MESSAGE_TEXT}"
+
+
+async def chat_in_busy_room(
+    sender: Client,
+    readers: list[Client],
+    room_ref: int,
+    on_progress: Callable[[], None] = lambda: None,
+) -> list[list[bytes]]:
+    """Send MESSAGES chats from `sender` while `sender` and `readers` read everything.
+
+    Returns what each reader received (all broadcasts, announcements included). Every client
+    here reads as fast as it can; only the slow client, which is not among them, does not.
+    """
+    received: list[list[bytes]] = [[] for _ in readers]
+    last = broadcast(room_ref, "sender", numbered(MESSAGES - 1))
+
+    async def read_all(index: int, client: Client) -> None:
+        while not received[index] or received[index][-1] != last:
+            received[index].append(await client.receive_until(b"\n\n"))
+
+    async def send_all() -> None:
+        for i in range(MESSAGES):
+            await sender.send(chat(room_ref, "sender", numbered(i)))
+            on_progress()
+
+    with trio.fail_after(6 * RECEIVE_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for index, client in enumerate(readers):
+                nursery.start_soon(read_all, index, client)
+            nursery.start_soon(send_all)
+    return received
+
+
+def check_busy_room(received: list[list[bytes]], room_ref: int, limit: int) -> None:
+    """Every reader got every chat once and in order, and the slow one's leave early on."""
+    chats = [broadcast(room_ref, "sender", numbered(i)) for i in range(MESSAGES)]
+    left = broadcast(room_ref, "slow", "slow has left this chatroom.")
+    for stream in received:
+        assert [m for m in stream if m != left] == chats
+        assert stream.count(left) == 1
+        # The slow client is cut off once about `limit` bytes wait for it, not at the end.
+        assert stream.index(left) <= limit // len(chats[0]) + 64
+
+
+async def test_client_that_never_reads_over_lockstep_stream_is_cut_off_and_others_get_everything(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A member that never reads is disconnected when its queue is full; the rest get all 2000."""
+    caplog.set_level(logging.INFO, logger="trio_chat")
+    config = Config()
+    async with memory_server(config) as server:
+        sender = server.connect("sender")
+        readers = [server.connect(f"reader{i}") for i in range(3)]
+        slow = server.connect("slow", pair=trio.testing.lockstep_stream_pair)
+        members = [(sender, "sender")] + [(r, f"r{i}") for i, r in enumerate(readers)]
+        for client, name in members:
+            await client.send(join("busy", name))
+            await client.receive_until(f"MESSAGE: {name} has joined this chatroom.\n\n".encode())
+        await slow.send(join("busy", "slow"))  # its replies wait for a read that never comes
+        for client, name in members:
+            later = [n for _, n in members[members.index((client, name)) + 1 :]] + ["slow"]
+            for other in later:
+                await client.receive_until(
+                    f"MESSAGE: {other} has joined this chatroom.\n\n".encode()
+                )
+        unsent: list[int] = []
+
+        def watch_slow_queue() -> None:
+            slow_connection = [c for c in server.server.connections if c.peer == "slow"]
+            unsent.extend(c.outbox.unsent for c in slow_connection)
+
+        received = await chat_in_busy_room(sender, [sender, *readers], 0, watch_slow_queue)
+        check_busy_room(received, 0, config.max_outbound)
+        assert max(unsent) <= config.max_outbound
+        assert "slow" not in {c.peer for c in server.server.connections}
+        assert "slow disconnected: outbound queue full" in caplog.text
+        for client, _ in members:
+            await client.expect_nothing()
+        # What the slow client can still read is a clean prefix of its stream, then the end.
+        tail = bytearray()
+        while data := await slow.stream.receive_some(64 * KIB):
+            tail += data
+        assert bytes(tail).startswith(joined("busy", "10.0.0.1", 7000, 0, 4))
+
+
+async def test_client_with_tiny_receive_buffer_over_tcp_is_cut_off_and_others_get_everything(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Over real sockets a member with a 4 KiB receive buffer that never reads is cut off."""
+    caplog.set_level(logging.INFO, logger="trio_chat")
+    config = Config(host="127.0.0.1")
+    async with tcp_server(config) as (_server, port):
+        sender = await Client.connect(port)
+        readers = [await Client.connect(port) for _ in range(3)]
+        members = [(sender, "sender")] + [(r, f"r{i}") for i, r in enumerate(readers)]
+        for client, name in members:
+            await client.send(join("busy", name))
+            await client.receive_until(f"MESSAGE: {name} has joined this chatroom.\n\n".encode())
+        slow = await connect_with_receive_buffer(port, 4 * KIB)
+        await slow.send(join("busy", "slow"))
+        for index, (client, _) in enumerate(members):
+            for _, other in members[index + 1 :]:
+                await client.receive_until(
+                    f"MESSAGE: {other} has joined this chatroom.\n\n".encode()
+                )
+            await client.receive_until(b"MESSAGE: slow has joined this chatroom.\n\n")
+        received = await chat_in_busy_room(sender, [sender, *readers], 0)
+        check_busy_room(received, 0, config.max_outbound)
+        assert "disconnected: outbound queue full" in caplog.text
+        for client, _ in members:
+            await client.expect_nothing()
+        for client in [*readers, sender, slow]:
+            await client.aclose()
+
+
+async def send_until_cut_off(client: Client, data: bytes) -> None:
+    """Send `data` again and again until the server closes the connection."""
+    with pytest.raises(trio.BrokenResourceError):  # noqa: PT012 (the loop is the statement)
+        while True:
+            await client.send(data)
+
+
+async def test_client_that_pipelines_requests_but_never_reads_is_cut_off() -> None:
+    """Replies to a client's own requests are bounded too: HELO flood without reading ends it."""
+    config = Config(max_outbound=64 * KIB)
+    async with memory_server(config) as server:
+        greedy = server.connect("greedy", pair=trio.testing.lockstep_stream_pair)
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            await send_until_cut_off(greedy, b"HELO flood\n" * 100)
+        other = server.connect()
+        await other.barrier()
+
+
+# -- oversize input ---------------------------------------------------------------------------
+
+SMALL = Config(max_line=2 * KIB, max_message=1 * KIB, host="127.0.0.1")
+
+
+async def check_oversize_closes(client: Client, witness: Client, request: bytes) -> None:
+    """`client` (in room 0 as "big", beside `witness`) sends `request`: error 4, leave, EOF."""
+    await client.send(request)
+    await expect_error(client, 4)
+    await client.expect_eof()
+    await witness.receive_until(broadcast(0, "big", "big has left this chatroom."))
+    await witness.expect_nothing()
+
+
+async def two_in_a_room(connect: Callable[[], Awaitable[Client]]) -> tuple[Client, Client]:
+    """Two clients in room "r" (ROOM_REF 0): "big" and "witness", announcements consumed."""
+    big, witness = await connect(), await connect()
+    await witness.send(join("r", "witness"))
+    await witness.receive_until(b"MESSAGE: witness has joined this chatroom.\n\n")
+    await big.send(join("r", "big"))
+    await big.receive_until(b"MESSAGE: big has joined this chatroom.\n\n")
+    await witness.receive_until(b"MESSAGE: big has joined this chatroom.\n\n")
+    return big, witness
+
+
+OVERSIZE_REQUESTS = {
+    "line without newline": b"x" * (SMALL.max_line + 2),
+    "line with newline": b"HELO " + b"y" * SMALL.max_line + b"\n",
+    "field line": chat(0, "big", "z" * SMALL.max_line).encode(),
+    "message in one line": chat(0, "big", "m" * (SMALL.max_message + 1)).encode(),
+    "message over many lines": chat(0, "big", "\n".join(["w" * 400] * 3)).encode(),
+}
+
+
+@pytest.mark.parametrize("request_bytes", OVERSIZE_REQUESTS.values(), ids=OVERSIZE_REQUESTS.keys())
+async def test_oversize_request_over_memory_gets_error_4_and_close(request_bytes: bytes) -> None:
+    """Over memory streams a line or CHAT message over its limit gets error 4, then EOF."""
+    async with memory_server(SMALL) as server:
+
+        async def connect() -> Client:
+            return server.connect()
+
+        big, witness = await two_in_a_room(connect)
+        await check_oversize_closes(big, witness, request_bytes)
+
+
+@pytest.mark.parametrize("request_bytes", OVERSIZE_REQUESTS.values(), ids=OVERSIZE_REQUESTS.keys())
+async def test_oversize_request_over_tcp_gets_error_4_and_close(request_bytes: bytes) -> None:
+    """Over real sockets a line or CHAT message over its limit gets error 4, then a clean EOF."""
+    async with tcp_server(SMALL) as (_, port):
+
+        async def connect() -> Client:
+            return await Client.connect(port)
+
+        big, witness = await two_in_a_room(connect)
+        await check_oversize_closes(big, witness, request_bytes)
+        await big.aclose()
+        await witness.aclose()
+
+
+async def test_requests_at_the_limits_are_served() -> None:
+    """A line of exactly max_line bytes and a message of exactly max_message bytes are fine."""
+    async with memory_server(SMALL) as server:
+        client = server.connect()
+        await client.send(join("r", "n"))
+        await client.receive_until(b"MESSAGE: n has joined this chatroom.\n\n")
+        helo_text = "h" * (SMALL.max_line - len("HELO "))
+        await client.send(f"HELO {helo_text}\r\n")
+        await client.receive_until(b"StudentID:")
+        await client.receive_until(b"\n")
+        message = "\n".join(["a" * 400, "b" * 400, "c" * (SMALL.max_message - 802)])
+        await client.send(chat(0, "n", message))
+        assert await client.receive_until(b"\n\n") == broadcast(0, "n", message)
+        await client.expect_nothing()
+
+
+HUNDRED_MIB = 100 * MIB
+
+
+async def send_without_newline(client: Client, total: int) -> int:
+    """Send `total` bytes of one endless line, 1 MiB at a time; returns how much went out."""
+    chunk = b"a" * MIB
+    sent = 0
+    try:
+        while sent < total:
+            await client.send(chunk)
+            sent += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the server has closed the connection: it need not read the rest
+    return sent
+
+
+async def test_100_mib_without_newline_over_memory_is_never_held() -> None:
+    """100 MiB without a newline: error 4 comes after at most a line's worth; memory stays low."""
+    config = Config()
+    async with memory_server(config) as server:
+        # Lockstep: each send waits for the server to read it, so nothing piles up in between
+        # and any growth tracemalloc sees is the server's own.
+        flooder = server.connect("flood", pair=trio.testing.lockstep_stream_pair)
+        tracemalloc.start()
+        try:
+            baseline, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_without_newline, flooder, HUNDRED_MIB)
+                await expect_error(flooder, 4)
+                await flooder.expect_eof()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        # The line buffer, one receive and one 1 MiB chunk in flight are all that may be held.
+        assert peak - baseline < 4 * MIB + 4 * config.max_line
+        await server.connect().barrier()
+
+
+async def test_100_mib_without_newline_over_tcp_is_never_held() -> None:
+    """Over a real socket 100 MiB without a newline gets error 4; the server's memory stays low."""
+    config = Config(host="127.0.0.1")
+    async with tcp_server(config) as (_server, port):
+        flooder = await Client.connect(port)
+        tracemalloc.start()
+        try:
+            baseline, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_without_newline, flooder, HUNDRED_MIB)
+                await expect_error(flooder, 4)
+                with trio.fail_after(RECEIVE_TIMEOUT):
+                    try:
+                        while await flooder.stream.receive_some(KIB):
+                            raise AssertionError("bytes after error 4")
+                    except trio.BrokenResourceError:
+                        pass  # a reset, if the grace ended while the flood was still coming
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak - baseline < 4 * MIB + 4 * config.max_line
+        await flooder.aclose()
+        async with await Client.connect(port) as other:
+            await other.barrier()
+
+
+# -- connection limit -------------------------------------------------------------------------
+
+
+async def served(client: Client) -> bool:
+    """Whether the server has answered the HELO `client` sent (without waiting for it)."""
+    with trio.move_on_after(0):
+        await client.receive_until(b"StudentID:")
+        return True
+    return False
+
+
+async def test_connections_beyond_the_limit_wait_and_are_served_in_turn() -> None:
+    """Beyond max_connections clients wait in the backlog; each is served when a slot frees."""
+    config = Config(host="127.0.0.1", max_connections=3)
+    async with tcp_server(config) as (server, port):
+        first = [await Client.connect(port) for _ in range(3)]
+        for client in first:
+            await client.barrier()
+        waiting = [await Client.connect(port) for _ in range(5)]
+        for client in waiting:
+            await client.send("HELO waiting\n")
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert len(server.connections) == 3
+        for client in waiting:
+            assert not await served(client)
+        # Each ended connection lets exactly one waiting client in; none is refused.
+        for ended in first:
+            await ended.send("DISCONNECT: 0\nPORT: 0\nCLIENT_NAME: x\n")
+            await ended.expect_eof()
+            await ended.aclose()
+        for client in waiting:
+            await client.receive_until(b"StudentID:")
+            await client.receive_until(b"\n")
+            await client.send("DISCONNECT: 0\nPORT: 0\nCLIENT_NAME: x\n")
+            await client.expect_eof()
+            await client.aclose()
+
+
+async def test_many_clients_at_once_beyond_the_limit_are_all_served() -> None:
+    """Fifty clients connecting at once to a server taking two at a time all get served."""
+    config = Config(host="127.0.0.1", max_connections=2)
+    async with tcp_server(config) as (_, port):
+
+        async def visit(i: int) -> None:
+            async with await Client.connect(port) as client:
+                await client.send(f"HELO {i}\nDISCONNECT: 0\nPORT: 0\nCLIENT_NAME: c{i}\n")
+                assert await client.receive_until(b"\n") == f"HELO {i}\n".encode()
+                await client.receive_until(b"StudentID:")
+                await client.receive_until(b"\n")
+                await client.expect_eof()
+
+        with trio.fail_after(6 * RECEIVE_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for i in range(50):
+                    nursery.start_soon(visit, i)
+
+
+# -- rooms per connection ---------------------------------------------------------------------
+
+
+async def test_joining_one_room_too_many_gets_error_5_and_the_connection_stays() -> None:
+    """Over max_rooms_per_connection a JOIN gets error 5; rejoining and leave-then-join work."""
+    async with memory_server(Config(max_rooms_per_connection=3)) as server:
+        client = server.connect()
+        for ref, room in enumerate("abc"):
+            await client.send(join(room, "n"))
+            assert await client.receive_until(b"\n\n") == joined(
+                room, "10.0.0.1", 7000, ref, 0
+            ) + broadcast(ref, "n", "n has joined this chatroom.")
+        await client.send(join("d", "n"))
+        await expect_error(client, 5)
+        await client.send(join("b", "n"))  # already a member: not one more room
+        await client.receive_until(b"MESSAGE: n has joined this chatroom.\n\n")
+        await client.send("LEAVE_CHATROOM: 0\nJOIN_ID: 0\nCLIENT_NAME: n\n")
+        await client.receive_until(b"MESSAGE: n has left this chatroom.\n\n")
+        await client.send(join("e", "n"))
+        reply = await client.receive_until(b"\n\n")
+        assert reply.startswith(b"JOINED_CHATROOM: e\n")
+        await client.send(chat(0, "n", "hello"))
+        await expect_error(client, 3)
+        await client.expect_nothing()
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+async def test_quiet_client_is_kept_for_days_by_default(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With no idle timeout (the default), a silent connection is still served a week later."""
+    async with memory_server(Config()) as server:
+        client = server.connect()
+        await client.send(join("r", "n"))
+        await client.receive_until(b"\n\n")
+        await trio.sleep(7 * 24 * 3600)
+        await client.barrier()
+
+
+async def test_idle_timeout_closes_a_silent_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With idle_timeout set, a connection silent that long is closed and leaves its rooms."""
+    async with memory_server(Config(idle_timeout=30.0)) as server:
+        quiet, talker = server.connect(), server.connect()
+        await quiet.send(join("r", "quiet"))
+        await quiet.receive_until(b"\n\n")
+        await talker.send(join("r", "talker"))
+        await talker.receive_until(b"MESSAGE: talker has joined this chatroom.\n\n")
+        start = trio.current_time()
+        await trio.sleep(25)
+        await talker.barrier()  # the talker spoke at 25 s: it is not idle at 30 s
+        await quiet.receive_until(b"MESSAGE: talker has joined this chatroom.\n\n")
+        await quiet.expect_eof()
+        assert trio.current_time() - start == pytest.approx(30)
+        await talker.receive_until(b"MESSAGE: quiet has left this chatroom.\n\n")
+        await trio.sleep(5)
+        await talker.barrier()
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+def test_every_limit_and_timeout_is_a_serve_option() -> None:
+    """Each Config limit and timeout can be set with a `trio-chat serve` option of its name."""
+    fields = [a.name for a in attrs.fields(Config)]
+    limits = [name for name in fields if name.startswith(("max_", "receive_"))]
+    timeouts = ["disconnect_grace", "idle_timeout", "accept_retry_delay"]
+    assert set(limits + timeouts) == set(_TUNABLES)
+    argv = ["serve", "--port", "0"]
+    for name in _TUNABLES:
+        argv += ["--" + name.replace("_", "-"), "7"]
+    config = config_from_args(build_parser().parse_args(argv))
+    for name in _TUNABLES:
+        assert getattr(config, name) == 7
+
+
+def test_defaults_are_those_of_protocol_section_6() -> None:
+    """The defaults are PROTOCOL.md's: 64 KiB lines and messages, 1 MiB queue, 10,000, 1,000."""
+    config = Config()
+    assert (config.max_line, config.max_message, config.max_outbound) == (64 * KIB, 64 * KIB, MIB)
+    assert (config.max_connections, config.max_rooms_per_connection) == (10_000, 1_000)
+    assert config.idle_timeout is None
+
+
+@pytest.mark.parametrize("name", [*_TUNABLES])
+@pytest.mark.parametrize("value", [0, -1])
+def test_nonsense_limits_are_refused(name: str, value: int) -> None:
+    """A limit or timeout of zero or less is refused when the settings are made."""
+    settings: dict[str, Any] = {name: value}
+    with pytest.raises(ValueError, match=name):
+        Config(**settings)
