@@ -7,6 +7,7 @@ on the autojump clock.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -640,3 +641,107 @@ async def test_idle_timeout_closes_a_silent_connection(
     await amy.expect_eof()
     assert trio.current_time() - start == pytest.approx(idle_timeout)
     await bob.expect(left_announcement(0, "amy"))
+
+
+# -- 4. ordering -----------------------------------------------------------------------------
+
+
+async def test_every_member_sees_one_order(connect_memory: ConnectMemory) -> None:
+    """Chats sent at once by several members reach every member in one and the same order."""
+    members = [connect_memory() for _ in range(3)]
+    for join_id, member in enumerate(members):
+        await join(member, "room", f"m{join_id}", 0, join_id)
+    for index, member in enumerate(members):
+        for later in range(index + 1, len(members)):
+            await member.expect(joined_announcement(0, f"m{later}"))
+    count = 30
+    async with trio.open_nursery() as senders:
+        for join_id, member in enumerate(members):
+            chats = "".join(chat_request(0, join_id, f"m{join_id}", str(i)) for i in range(count))
+            senders.start_soon(member.send, chats)
+    received = []
+    for member in members:
+        data = b""
+        for _ in range(count * len(members)):
+            data += await member.receive_until(b"\n\n")
+        received.append(data)
+        await member.expect_nothing()
+    assert received[0] == received[1] == received[2]
+    # Each sender's chats arrive in the order it sent them.
+    chats_by_sender: dict[str, list[str]] = {}
+    for chunk in received[0].decode().split("\n\n")[:-1]:
+        _, name_line, message_line = chunk.split("\n")
+        chats_by_sender.setdefault(name_line, []).append(message_line)
+    expected = [f"MESSAGE: {i}" for i in range(count)]
+    assert chats_by_sender == {f"CLIENT_NAME: m{j}": expected for j in range(len(members))}
+
+
+# -- logging ---------------------------------------------------------------------------------
+
+PEER = "198.51.100.7:4242"
+
+
+def logged(caplog: pytest.LogCaptureFixture, level: int, *words: str) -> list[str]:
+    """Messages of `trio_chat` log records at `level` naming PEER and containing every word."""
+    return [
+        message
+        for record in caplog.records
+        if record.name.startswith("trio_chat")
+        and record.levelno == level
+        and PEER in (message := record.getMessage())
+        and all(word.lower() in message.lower() for word in words)
+    ]
+
+
+async def test_connection_lifecycle_is_logged(
+    memory_server: ChatServer, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connect, join, leave and disconnect each log an INFO line with the peer address."""
+    caplog.set_level(logging.INFO, logger="trio_chat")
+    client, finished = open_memory_connection(memory_server, nursery, PEER)
+    await join(client, "lobby", "amy", 0, 0)
+    await client.send(leave_request(0, 0, "amy"))
+    await client.expect(left_reply(0, 0) + left_announcement(0, "amy"))
+    await client.send(disconnect_request("amy"))
+    await client.expect_eof()
+    await client.send_eof()
+    await finished.wait()
+    assert logged(caplog, logging.INFO, "connect")
+    assert logged(caplog, logging.INFO, "join", "lobby")
+    assert logged(caplog, logging.INFO, "left") or logged(caplog, logging.INFO, "leav")
+    assert logged(caplog, logging.INFO, "disconnect")
+
+
+async def test_unknown_line_is_logged(
+    memory_server: ChatServer, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unknown line is logged with the peer address."""
+    caplog.set_level(logging.INFO, logger="trio_chat")
+    client, _ = open_memory_connection(memory_server, nursery, PEER)
+    await client.send("WHAT_IS_THIS\n")
+    await client.expect_nothing()
+    assert logged(caplog, logging.INFO, "WHAT_IS_THIS")
+
+
+async def test_each_request_is_logged_at_debug(
+    memory_server: ChatServer, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With DEBUG logging, every request is logged with the peer address."""
+    caplog.set_level(logging.DEBUG, logger="trio_chat")
+    client, _ = open_memory_connection(memory_server, nursery, PEER)
+    await client.send("HELO first\n" + join_request("lobby", "amy"))
+    await client.receive_until(b"has joined this chatroom.\n\n")
+    await client.expect_nothing()
+    assert logged(caplog, logging.DEBUG, "first")
+    assert logged(caplog, logging.DEBUG, "lobby")
+
+
+async def test_shutdown_is_logged(
+    memory_server: ChatServer, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KILL_SERVICE logs an INFO line naming the connection that sent it."""
+    caplog.set_level(logging.INFO, logger="trio_chat")
+    client, _ = open_memory_connection(memory_server, nursery, PEER)
+    await client.send("KILL_SERVICE\n")
+    await trio.testing.wait_all_tasks_blocked()
+    assert logged(caplog, logging.INFO, "KILL_SERVICE")
