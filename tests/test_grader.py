@@ -1,4 +1,4 @@
-"""The sequence the lab's automated grader runs, over real TCP sockets on 127.0.0.1.
+"""The sequence the lab's automated grader runs, and the ways its clients end, over real TCP.
 
 Every step is checked on every open socket: the clients that must receive something receive
 exactly that, and every other socket provably receives nothing (a HELO round trip).
@@ -6,8 +6,12 @@ exactly that, and every other socket provably receives nothing (a HELO round tri
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
+
+import trio
 
 from tests.chatclient import (
     Client,
@@ -193,3 +197,40 @@ async def test_grader_sequence(server_port: int) -> None:
         for client in grader.open:
             await client.expect_eof()
         await expect_refused(port, IP)
+
+
+async def test_reset_connection_is_announced(server_port: int) -> None:
+    """A client whose connection is reset (no DISCONNECT, no FIN) is announced as leaving."""
+    async with (
+        await Client.connect(server_port) as gone,
+        await Client.connect(server_port) as stays,
+    ):
+        await gone.send(join_request("room1", "gone"))
+        await gone.receive_until(b"gone has joined this chatroom.\n\n")
+        await stays.send(join_request("room1", "stays"))
+        await stays.expect(
+            joined_reply("room1", IP, server_port, ROOM1, 1) + joined_announcement(ROOM1, "stays")
+        )
+        assert isinstance(gone.stream, trio.SocketStream)
+        # SO_LINGER with a zero timeout makes close() send a reset instead of a FIN.
+        gone.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await gone.aclose()
+        await stays.expect(left_announcement(ROOM1, "gone"))
+        await stays.send(chat_request(ROOM1, 1, "stays", "alone"))
+        await stays.expect(chat_broadcast(ROOM1, "stays", "alone"))
+        await stays.expect_nothing()
+
+
+async def test_kill_service_from_a_room_member(server_port: int) -> None:
+    """KILL_SERVICE from a connection in a room also ends every connection, with no reply."""
+    async with (
+        await Client.connect(server_port) as member,
+        await Client.connect(server_port) as other,
+    ):
+        await member.send(join_request("room1", "member"))
+        await member.receive_until(b"member has joined this chatroom.\n\n")
+        await other.barrier()
+        await member.send("KILL_SERVICE\n")
+        await member.expect_eof()
+        await other.expect_eof()
+        await expect_refused(server_port, IP)
