@@ -134,6 +134,16 @@ async def test_blank_lines_between_requests_get_no_reply(connect_memory: Connect
     await client.expect_nothing()
 
 
+async def test_invalid_utf8_is_replaced_not_fatal(connect_memory: ConnectMemory) -> None:
+    """Invalid UTF-8 in names and messages is relayed as replacement characters."""
+    client = connect_memory()
+    await client.send(b"JOIN_CHATROOM: r\xff\nCLIENT_IP: 0\nPORT: 0\nCLIENT_NAME: \xc3amy\n")
+    await client.expect(joined("r\ufffd", 0, 0) + joined_announcement(0, "\ufffdamy"))
+    await client.send(b"\xfe\xff\n" + chat_request(0, 0, "amy", "caf\xe9").encode("latin-1"))
+    await client.expect(chat_broadcast(0, "amy", "caf\ufffd"))
+    await client.expect_nothing()
+
+
 # -- 2. HELO ---------------------------------------------------------------------------------
 
 
