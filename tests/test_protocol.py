@@ -574,6 +574,53 @@ def test_round_trip(session: tuple[list[Request], bytes], data: st.DataObject) -
     assert parse(split_at(wire, points)) == sent
 
 
+# Lines that name no request: they start with a lower-case letter, and keys are upper-case.
+unknown_lines = line_text.map(lambda text: "x" + text)
+
+
+@st.composite
+def truncated(draw: st.DrawFn) -> list[str]:
+    """The lines of a multi-line request with its last field left out, then a blank line."""
+    request = draw(requests.filter(lambda r: not isinstance(r, Helo | KillService)))
+    lines = draw(wire_text(request))
+    field_count = {Join: 4, Leave: 3, Disconnect: 3, Chat: 4}[type(request)]
+    cut = draw(st.integers(1, field_count - 1))
+    return [*lines[:cut], ""]
+
+
+@st.composite
+def mixed_sessions(draw: st.DrawFn) -> tuple[list[Parsed], bytes]:
+    """Good requests, unknown lines and requests missing a field, as a client sends them."""
+    expected: list[Parsed] = []
+    lines: list[str] = []
+    for _ in range(draw(st.integers(0, 8))):
+        kind = draw(st.sampled_from(["request", "unknown", "truncated"]))
+        if kind == "request":
+            request = draw(requests)
+            expected.append(request)
+            lines.extend(draw(wire_text(request)))
+        elif kind == "unknown":
+            line = draw(unknown_lines)
+            expected.append(Unknown(line))
+            lines.append(line)
+        else:
+            expected.append(MALFORMED)
+            lines.extend(draw(truncated()))
+    data = b"".join(line.encode() + draw(st.sampled_from([b"\n", b"\r\n"])) for line in lines)
+    return expected, data
+
+
+@settings(deadline=None)
+@given(mixed_sessions(), st.data())
+def test_round_trip_with_bad_input(
+    session: tuple[list[Parsed], bytes], data: st.DataObject
+) -> None:
+    """Unknown lines and malformed requests among good ones each give their one event, in order."""
+    expected, wire = session
+    points = data.draw(st.lists(st.integers(0, len(wire)), max_size=20).map(sorted))
+    assert parse(split_at(wire, points)) == expected
+
+
 # -- encoders --------------------------------------------------------------------------------
 
 
