@@ -135,6 +135,7 @@ async def test_kill_service_stops_the_process(nursery: trio.Nursery, tmp_path: P
             await member.expect_eof()
         await expect_refused(port)
         server.assert_clean_stderr()
+        assert str(port).encode() in server.stderr, "the server logs where it listens to stderr"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -152,3 +153,13 @@ async def test_signal_stops_the_process_cleanly(
             await member.expect_eof()
         await expect_refused(server.port)
         server.assert_clean_stderr()
+
+
+@pytest.mark.parametrize("args", [[], ["not-a-port"]], ids=["no-port", "bad-port"])
+def test_start_without_a_port_prints_usage(args: list[str]) -> None:
+    """start.sh without a numeric PORT exits 2 with a usage line and starts nothing."""
+    result = subprocess.run(
+        [str(START), *args], capture_output=True, text=True, timeout=START_TIMEOUT, check=False
+    )
+    assert result.returncode == 2
+    assert "usage" in result.stderr
