@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_chat import terminal
+from trio_chat import check, terminal
 from trio_chat.config import Config
 from trio_chat.server import serve
 
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     # that returns the exit status.
     _serve_parser(commands)
     terminal.add_parser(commands)
+    check.add_parser(commands)
     return parser
 
 
