@@ -47,6 +47,10 @@ class Broker(Protocol):
         """Send `data` to `session` after every event it published before."""
         ...
 
+    def then(self, session: Session, action: Callable[[], None]) -> None:
+        """Call `action` once every event `session` published before is applied."""
+        ...
+
     def kill_service(self, reason: str) -> None:
         """Have every other process of the service stop too."""
         ...
@@ -90,6 +94,10 @@ class LocalBroker:
     def reply(self, session: Session, data: bytes) -> None:
         """Send at once: events are applied as they are published, so none is pending."""
         session.recipient.push(data)
+
+    def then(self, session: Session, action: Callable[[], None]) -> None:
+        """Call `action` at once, for the same reason."""
+        action()
 
     def kill_service(self, reason: str) -> None:
         """Nothing to do: this process is the whole service."""

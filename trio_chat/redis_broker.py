@@ -18,12 +18,14 @@ memberships; when a node's heartbeat expires, another node announces its members
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import attrs
 import coredis
 import coredis.exceptions
@@ -36,8 +38,15 @@ from trio_chat.rooms import Outcome, Registry, RoomEvent, Session
 
 log = logging.getLogger("trio_chat.redis")
 
-# What a failed Redis call raises, from the client, the socket, or our own deadline.
-_REDIS_FAILURES = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
+# What a failed Redis call raises: the client's errors, the socket's, our own deadline, and
+# anyio's stream errors when a connection is closed under the client (as on shutdown).
+_REDIS_FAILURES = (
+    coredis.exceptions.RedisError,
+    OSError,
+    trio.TooSlowError,
+    anyio.ClosedResourceError,
+    anyio.BrokenResourceError,
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -201,13 +210,14 @@ class RedisBroker:
     # waiting for the events published before them: (events that must be applied, reply).
     _published: dict[int, int] = attrs.field(factory=dict)
     _applied: dict[int, int] = attrs.field(factory=dict)
-    _deferred: dict[int, list[tuple[int, bytes]]] = attrs.field(factory=dict)
+    _deferred: dict[int, list[tuple[int, Callable[[], None]]]] = attrs.field(factory=dict)
     _released: set[int] = attrs.field(factory=set)  # sessions whose connection has ended
     _floor_room_ref: int = 0  # one past the highest ROOM_REF seen
     _floor_join_id: int = 0  # one past the highest JOIN_ID seen
     _backlog: list[_Outgoing] = attrs.field(factory=list)
     _backlog_ready: trio.Event = attrs.field(factory=trio.Event)
     _lost: trio.Event = attrs.field(factory=trio.Event)  # set when Redis stops answering
+    _availability_changed: trio.Event = attrs.field(factory=trio.Event)
 
     def _key(self, *parts: str | bytes) -> str:
         names = (part.decode() if isinstance(part, bytes) else part for part in parts)
@@ -236,17 +246,22 @@ class RedisBroker:
             stream_timeout=settings.command_timeout,
         )
         broker = cls(settings, client)
-        async with client, trio.open_nursery() as nursery:
-            await nursery.start(broker._subscribe)
-            nursery.start_soon(broker._keep_alive)
-            nursery.start_soon(broker._publish_backlog)
-            try:
-                yield broker
-            finally:
-                nursery.cancel_scope.cancel()
-                with trio.move_on_after(settings.command_timeout) as cleanup:
-                    cleanup.shield = True
-                    await broker._leave_cluster()
+        try:
+            async with client, trio.open_nursery() as nursery:
+                await nursery.start(broker._subscribe)
+                nursery.start_soon(broker._keep_alive)
+                nursery.start_soon(broker._publish_backlog)
+                try:
+                    yield broker
+                finally:
+                    nursery.cancel_scope.cancel()
+                    with trio.move_on_after(settings.command_timeout) as cleanup:
+                        cleanup.shield = True
+                        await broker._leave_cluster()
+        except* (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            # When the process is cancelled as a whole (a signal), coredis may still try to
+            # unsubscribe on the connection it has just closed. Nothing is left to clean up.
+            log.debug("Redis connection closed during shutdown")
 
     async def _command(self, call: Callable[[], Any]) -> Any:
         """Run one Redis call; a failure marks Redis unavailable and becomes error 6."""
@@ -262,8 +277,18 @@ class RedisBroker:
     def _mark_unavailable(self, exc: BaseException) -> None:
         if self.available:
             log.warning("Redis unavailable (%s); retrying", str(exc) or type(exc).__name__)
-        self.available = False
+            self._set_available(False)
         self._lost.set()
+
+    def _set_available(self, available: bool) -> None:
+        self.available = available
+        self._availability_changed.set()
+        self._availability_changed = trio.Event()
+
+    async def wait_available(self, available: bool = True) -> None:
+        """Return once Redis is (or, with False, is not) available to this node."""
+        while self.available != available:
+            await self._availability_changed.wait()
 
     async def _subscribe(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -313,7 +338,7 @@ class RedisBroker:
             await client.sadd(self._key("nodes"), [self.node_id])
             await self._heartbeat()
             await self._record_memberships()
-        self.available = True
+        self._set_available(True)
         log.info("Redis available; this node is %s", self.node_id.decode())
 
     async def _restore(self) -> bytes:
@@ -488,12 +513,19 @@ class RedisBroker:
     def reply(self, session: Session, data: bytes) -> None:
         """Send `data` to `session` once every event it published before is back."""
         session_id = self._session_ids.get(session)
-        if session_id is not None:
-            published = self._published.get(session_id, 0)
-            if self._applied.get(session_id, 0) < published:
-                self._deferred.setdefault(session_id, []).append((published, data))
-                return
-        session.recipient.push(data)
+        if session_id is None or self._applied.get(session_id, 0) >= self._published[session_id]:
+            session.recipient.push(data)
+        else:
+            self.then(session, functools.partial(session.recipient.push, data))
+
+    def then(self, session: Session, action: Callable[[], None]) -> None:
+        """Call `action` once every event `session` published before is back from the bus."""
+        session_id = self._session_ids.get(session)
+        published = 0 if session_id is None else self._published.get(session_id, 0)
+        if session_id is None or self._applied.get(session_id, 0) >= published:
+            action()
+        else:
+            self._deferred.setdefault(session_id, []).append((published, action))
 
     def release(self, session: Session) -> None:
         """The connection of `session` has ended: forget it once its own events are back."""
@@ -515,7 +547,7 @@ class RedisBroker:
         applied = self._applied[session_id] = self._applied.get(session_id, 0) + 1
         deferred = self._deferred.get(session_id)
         while deferred and deferred[0][0] <= applied:
-            session.recipient.push(deferred.pop(0)[1])
+            deferred.pop(0)[1]()
         self._forget_if_settled(session_id)
 
     def _forget_if_settled(self, session_id: int) -> None:

@@ -235,7 +235,9 @@ class Connection:
 
     def _close_gracefully(self) -> None:
         """Stop taking requests: leave every room, flush, send EOF, drain within the grace."""
-        self.outbox.close()
+        # Closed once this connection's earlier events are applied: with a shared bus, its
+        # own leave announcements after DISCONNECT are still on their way back.
+        self.broker.then(self.session, self.outbox.close)
         self._leave_all()
         if self._read_scope.deadline == math.inf:
             self._read_scope.deadline = trio.current_time() + self.config.disconnect_grace

