@@ -234,3 +234,33 @@ async def test_kill_service_from_a_room_member(server_port: int) -> None:
         await member.expect_eof()
         await other.expect_eof()
         await expect_refused(server_port, IP)
+
+
+async def test_half_closed_client_gets_every_reply(server_port: int) -> None:
+    """A client that pipelines requests and half-closes gets every reply, then EOF."""
+    count = 2000  # enough replies that they cannot all go out in one write
+    async with await Client.connect(server_port) as client:
+        chats = "".join(chat_request(ROOM1, 0, "amy", f"message {i}") for i in range(count))
+        await client.send(join_request("room1", "amy") + chats)
+        await client.send_eof()
+        await client.expect(
+            joined_reply("room1", IP, server_port, ROOM1, 0)
+            + joined_announcement(ROOM1, "amy")
+            + "".join(chat_broadcast(ROOM1, "amy", f"message {i}") for i in range(count))
+        )
+        await client.expect_eof()
+
+
+async def test_disconnect_after_a_backlog_flushes_it_all(server_port: int) -> None:
+    """DISCONNECT pipelined behind many requests: every reply arrives, then EOF."""
+    count = 2000
+    async with await Client.connect(server_port) as client:
+        chats = "".join(chat_request(ROOM1, 0, "amy", f"message {i}") for i in range(count))
+        await client.send(join_request("room1", "amy") + chats + disconnect_request("amy"))
+        await client.expect(
+            joined_reply("room1", IP, server_port, ROOM1, 0)
+            + joined_announcement(ROOM1, "amy")
+            + "".join(chat_broadcast(ROOM1, "amy", f"message {i}") for i in range(count))
+            + left_announcement(ROOM1, "amy")
+        )
+        await client.expect_eof()
