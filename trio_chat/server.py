@@ -228,10 +228,11 @@ class Connection:
             self.outbox.abandon()
             self._leave_all()
             self.broker.release(self.session)
-            await trio.aclose_forcefully(self.stream)
             if self.outbox.overflowed:
                 self.ending = "too slow"
             log.info("%s disconnected (%s)", self.peer, self.ending or "shutdown")
+            # Last: inside a cancelled scope (shutdown) this raises Cancelled once closed.
+            await trio.aclose_forcefully(self.stream)
 
     def _close_gracefully(self) -> None:
         """Stop taking requests: leave every room, flush, send EOF, drain within the grace."""
