@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_chat import check, terminal
+from trio_chat import bench, check, terminal
 from trio_chat.config import Config
 from trio_chat.server import serve
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 log = logging.getLogger("trio_chat")
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def _serve_parser(commands: Commands) -> None:
@@ -36,6 +38,13 @@ def _serve_parser(commands: Commands) -> None:
         help="IP reported by HELO and JOINED (default: the one each client connected to)",
     )
     parser.add_argument("--student-id", default=defaults.student_id, help="HELO's StudentID")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS,
+        help="logging threshold: INFO logs connects, joins, leaves and disconnects; DEBUG "
+        "every request (default: INFO)",
+    )
     cluster = parser.add_argument_group("several processes as one service")
     cluster.add_argument(
         "--redis",
@@ -87,7 +96,11 @@ _TUNABLES = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``trio-chat`` command."""
-    parser = argparse.ArgumentParser(prog="trio-chat", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="trio-chat",
+        description="A chat-room server on trio, speaking the JOIN_CHATROOM line protocol, "
+        "with a terminal client, a conformance checker and a fan-out benchmark.",
+    )
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -100,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(commands)
     terminal.add_parser(commands)
     check.add_parser(commands)
+    bench.add_parser(commands)
     return parser
 
 
@@ -144,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest:
         extra = argparse.ArgumentParser(add_help=False)
-        extra.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        extra.add_argument("--log-level", choices=LOG_LEVELS)
         more, unknown = extra.parse_known_args(rest)
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
