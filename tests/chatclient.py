@@ -50,7 +50,7 @@ class Client:
         """Assert the next bytes received are exactly `text`."""
         expected = text.encode()
         received = await self.receive_exactly_or_less(len(expected))
-        assert received.decode(errors="replace") == text
+        assert received.decode(errors="replace") == text, f"expected {text!r}, got {received!r}"
 
     async def receive_exactly_or_less(self, size: int) -> bytes:
         """The next `size` bytes, or fewer if the server closes first."""
