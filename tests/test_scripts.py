@@ -92,12 +92,14 @@ class ServerProcess:
 
 
 @asynccontextmanager
-async def start_server(nursery: trio.Nursery, cwd: Path) -> AsyncIterator[ServerProcess]:
-    """Run ``scripts/start.sh PORT`` from `cwd` until it accepts; kill it if it outlives us."""
+async def start_server(
+    nursery: trio.Nursery, cwd: Path, *options: str
+) -> AsyncIterator[ServerProcess]:
+    """Run ``scripts/start.sh PORT [options]`` from `cwd` until it accepts; kill it at the end."""
     global _started_once
     port = free_port()
     process = await trio.lowlevel.open_process(
-        [str(START), str(port)],
+        [str(START), str(port), *options],
         cwd=cwd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -152,6 +154,24 @@ async def test_signal_stops_the_process_cleanly(
                 assert await server.wait_for_exit() == 0
             await member.expect_eof()
         await expect_refused(server.port)
+        server.assert_clean_stderr()
+
+
+async def test_options_reach_the_server(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Options after PORT are passed to the server: here the advertised IP and student id."""
+    options = ("--advertise-ip", "192.0.2.1", "--student-id", "s-123", "--log-level", "DEBUG")
+    async with start_server(nursery, tmp_path, *options) as server:
+        async with await Client.connect(server.port) as client:
+            await client.send("HELO x\n" + join_request("room", "amy"))
+            await client.expect(
+                helo_reply("x", "192.0.2.1", server.port, "s-123")
+                + joined_reply("room", "192.0.2.1", server.port, 0, 0)
+                + joined_announcement(0, "amy")
+            )
+            await client.send("KILL_SERVICE\n")
+            with trio.fail_after(KILL_EXIT_TIMEOUT):
+                assert await server.wait_for_exit() == 0
+        assert b"DEBUG" in server.stderr
         server.assert_clean_stderr()
 
 
