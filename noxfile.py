@@ -31,3 +31,17 @@ def typecheck(session: nox.Session) -> None:
     """Type-check the package, tests and this file with mypy --strict."""
     session.install("-e", ".", "nox", *nox.project.dependency_groups(PYPROJECT, "typing"))
     session.run("mypy")
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """Chat at a fixed rate beside 1000 churning clients for minutes (``-- --minutes N``)."""
+    session.install("-e", ".")
+    session.run("python", "scripts/soak.py", *session.posargs)
+
+
+@nox.session
+def membench(session: nox.Session) -> None:
+    """Measure server memory per connection with 10,000 clients, each in a room."""
+    session.install("-e", ".")
+    session.run("python", "scripts/membench.py", *session.posargs)
