@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_chat import check, terminal
+from trio_chat import bench, check, terminal
 from trio_chat.config import Config
 from trio_chat.server import serve
 
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-chat",
         description="A chat-room server on trio, speaking the JOIN_CHATROOM line protocol, "
-        "with a terminal client and a conformance checker.",
+        "with a terminal client, a conformance checker and a fan-out benchmark.",
     )
     parser.add_argument(
         "--log-level",
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(commands)
     terminal.add_parser(commands)
     check.add_parser(commands)
+    bench.add_parser(commands)
     return parser
 
 
