@@ -755,3 +755,19 @@ async def test_shutdown_is_logged(
     await client.send("KILL_SERVICE\n")
     await trio.testing.wait_all_tasks_blocked()
     assert logged(caplog, logging.INFO, "KILL_SERVICE")
+
+
+# -- a refused JOIN creates nothing ----------------------------------------------------------
+
+
+async def test_join_refused_with_error_5_assigns_no_room_ref(nursery: trio.Nursery) -> None:
+    """A JOIN refused with error 5 joins no room, so its room gets no ROOM_REF."""
+    server = ChatServer(Config(max_rooms_per_connection=1, student_id=STUDENT_ID))
+    amy, _ = open_memory_connection(server, nursery)
+    bob, _ = open_memory_connection(server, nursery)
+    await join(amy, "one", "amy", 0, 0)
+    await amy.send(join_request("two", "amy"))
+    await amy.expect_error(5)
+    await bob.send(chat_request(1, 1, "bob", "anyone in two?"))
+    await bob.expect_error(2)  # ROOM_REF 1 was never assigned
+    await join(bob, "three", "bob", 1, 1)

@@ -80,6 +80,7 @@ class LocalBroker:
         server_port: int,
     ) -> Outcome:
         """Join `room_name`, creating it on first use."""
+        self.registry.check_room_limit(session, room_name)
         room_ref = self.registry.allocate_room(room_name)
         return self.registry.join(
             session, room_ref, client_name, server_ip=server_ip, server_port=server_port

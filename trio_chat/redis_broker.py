@@ -447,6 +447,7 @@ class RedisBroker:
     ) -> Outcome:
         """Join `room_name` with identifiers from Redis (or those the node already knows)."""
         self.check_available()
+        self.registry.check_room_limit(session, room_name)
         room_ref = self.registry.room_ref_for(room_name)
         if room_ref is None:
             room_ref = await self._allocate(

@@ -127,6 +127,19 @@ class Registry:
 
     # -- requests (step 1) -----------------------------------------------------------------
 
+    def check_room_limit(self, session: Session, room_name: str) -> None:
+        """Raise error 5 if joining `room_name` would take `session` past its room limit.
+
+        Brokers call it before allocating anything, so a refused JOIN creates no room.
+        """
+        room_ref = self.room_ref_for(room_name)
+        if room_ref in session.rooms or len(session.rooms) < self.max_rooms_per_session:
+            return
+        raise ProtocolError(
+            ErrorCode.LIMIT_REACHED,
+            f"a connection may be in at most {self.max_rooms_per_session} rooms",
+        )
+
     def join(
         self,
         session: Session,
@@ -138,11 +151,7 @@ class Registry:
     ) -> Outcome:
         """JOIN_CHATROOM for a room whose ROOM_REF is known (see `allocate_room`)."""
         room = self._by_ref[room_ref]
-        if room_ref not in session.rooms and len(session.rooms) >= self.max_rooms_per_session:
-            raise ProtocolError(
-                ErrorCode.LIMIT_REACHED,
-                f"a connection may be in at most {self.max_rooms_per_session} rooms",
-            )
+        self.check_room_limit(session, room.name)
         if session.join_id is None:
             session.join_id = self.allocate_join_id()
         session.rooms[room_ref] = client_name
