@@ -51,6 +51,9 @@ class Settings:
     server must cut that member off."""
     flood_message: int = 8 * KIB
     """Size of each message of the flood."""
+    flood_window: int = 256 * KIB
+    """How far the flood's writer may run ahead of the echoes it has read back: well under
+    the default 1 MiB queue, so that the writer itself is never a slow reader."""
 
     # -- what the server says about itself -----------------------------------------------------
     advertise_ip: str | None = None

@@ -217,17 +217,18 @@ class Conn:
                 await self.fill(f"{self.label}: {step}")
         await self.expect(step, expected)
 
-    async def expect_close(self, step: str, expected: bytes) -> None:
-        """Assert `expected` arrives and then the server closes the connection.
+    async def expect_close(self, step: str, expected: bytes, *tolerated: bytes) -> None:
+        """Assert `expected` (or one of `tolerated`) arrives, then the server closes.
 
         A reset after everything expected arrived is tolerated: it loses nothing.
         """
+        accepted = (expected, *tolerated)
         with trio.move_on_after(self.settings.reply_timeout):
             while not self.eof:
                 try:
                     data = await self.stream.receive_some(65536)
                 except (trio.BrokenResourceError, OSError) as exc:
-                    if normalize(bytes(self.buffer)) == expected:
+                    if normalize(bytes(self.buffer)) in accepted:
                         break
                     raise CaseFailed(
                         f"{self.label}: {step}: connection reset before the close "
@@ -239,14 +240,14 @@ class Conn:
                     self.eof = True
                 self.buffer += data
         arrived = normalize(bytes(self.buffer))
-        if not self.eof and arrived == expected:
+        if not self.eof and arrived in accepted:
             raise CaseFailed(
                 f"{self.label}: {step}: the server did not close the connection within "
                 f"{self.settings.reply_timeout:g} s",
                 expected=expected + b"(end of stream)",
                 arrived=arrived,
             )
-        if arrived != expected:
+        if arrived not in accepted:
             raise CaseFailed(f"{self.label}: {step}", expected=expected, arrived=arrived)
         self.buffer.clear()
 
