@@ -395,10 +395,17 @@ class ServerProcess:
 
 
 @asynccontextmanager
-async def server_process(*options: str) -> AsyncIterator[ServerProcess]:
-    """A server process on 127.0.0.1 and a free port; killed at the end if still running."""
+async def server_process(*, max_open_files: int | None = None) -> AsyncIterator[ServerProcess]:
+    """A server process on 127.0.0.1 and a free port; killed at the end if still running.
+
+    With `max_open_files`, the process may have no more descriptors open than that.
+    """
     command = [sys.executable, "-m", "trio_chat", "serve", "--host", "127.0.0.1", "--port", "0"]
-    process = await trio.lowlevel.open_process([*command, *options], stderr=subprocess.PIPE)
+    if max_open_files is not None:
+        # prlimit(1) sets the limit on the interpreter before it starts; so does the server's
+        # own shell when an operator sets `ulimit -n`.
+        command = ["prlimit", f"--nofile={max_open_files}", "--", *command]
+    process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
     server = ServerProcess(process)
     try:
         async with trio.open_nursery() as nursery:
@@ -459,3 +466,36 @@ async def test_kill_service_stops_a_busy_server_within_a_second() -> None:
     assert b"Traceback" not in server.log
     assert b"ERROR" not in server.log
     assert b"shutting down: KILL_SERVICE" in server.log
+
+
+# -- out of descriptors -----------------------------------------------------------------------
+
+
+async def test_server_out_of_descriptors_makes_clients_wait_not_fail() -> None:
+    """With too few descriptors for everyone, clients wait in the backlog and all get served."""
+    async with server_process(max_open_files=48) as server:
+        served = 0
+
+        async def visit(i: int) -> None:
+            nonlocal served
+            async with await Client.connect(server.port) as client:
+                await client.send(f"HELO {i}\n")
+                with trio.fail_after(6 * RECEIVE_TIMEOUT):
+                    await client.receive_until(b"StudentID:")
+                await client.receive_until(b"\n")
+                await client.send(DISCONNECT)
+                await client.expect_eof()
+                served += 1
+
+        # All connect before any is let go: the server's table fills while others wait.
+        async with trio.open_nursery() as nursery:
+            for i in range(100):
+                nursery.start_soon(visit, i)
+        assert served == 100
+        async with await Client.connect(server.port) as killer:
+            await killer.send("KILL_SERVICE\n")
+            with trio.fail_after(RECEIVE_TIMEOUT):
+                status = await server.process.wait()
+    assert status == 0
+    assert b"accept failed (Too many open files)" in server.log
+    assert b"Traceback" not in server.log
