@@ -204,7 +204,7 @@ class RequestParser:
             return (error, *self._first_line(line))
         if key == "MESSAGE":
             value = value[1:] if value.startswith(" ") else value
-            self._count_message(partial, value.encode())
+            self._count_message(partial, len(value.encode()))
         else:
             value = value.strip()
         partial.fields[key] = value
@@ -234,16 +234,18 @@ class RequestParser:
     def _body_line(self, partial: _Partial, raw: bytes) -> tuple[Event, ...]:
         assert partial.body is not None
         if raw:
-            self._count_message(partial, raw)
-            partial.body.append(raw.decode("utf-8", "replace"))
+            text = raw.decode("utf-8", "replace")
+            # "+ 1": the newline that joins this line to the one before it.
+            self._count_message(partial, 1 + (len(raw) if raw.isascii() else len(text.encode())))
+            partial.body.append(text)
             return ()
         self._partial = None
         partial.fields["MESSAGE"] = "\n".join(partial.body)
         return (_build(partial.kind, partial.fields),)
 
-    def _count_message(self, partial: _Partial, raw: bytes) -> None:
-        # Counts the text as relayed: the lines and the "\n" that joins each to the next.
-        partial.message_bytes += len(raw) + (1 if partial.message_bytes else 0)
+    def _count_message(self, partial: _Partial, size: int) -> None:
+        # Counts the text as relayed (UTF-8, invalid bytes replaced), newlines included.
+        partial.message_bytes += size
         if partial.message_bytes > self._max_message:
             self._partial = None
             raise ProtocolError(
