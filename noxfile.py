@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
@@ -45,3 +49,28 @@ def membench(session: nox.Session) -> None:
     """Measure server memory per connection with 10,000 clients, each in a room."""
     session.install("-e", ".")
     session.run("python", "scripts/membench.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Start a server on a free port and run the fan-out scenarios at it (``-- big --json``)."""
+    session.install("-e", ".")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [f"{session.bin}/trio-chat", "--log-level", "WARNING", "serve"]
+    server = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)])
+    try:
+        deadline = time.monotonic() + 30  # a cold start imports trio: seconds at most
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    session.error("the server did not start")
+                time.sleep(0.1)
+        session.run("trio-chat", "bench", "127.0.0.1", str(port), *session.posargs)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
