@@ -374,9 +374,6 @@ async def run_client(
                 screen.error(f"connection lost: {exc}")
                 status = FAILED
                 nursery.cancel_scope.cancel()
-    if screen.interactive:
-        screen.out.write("\r\x1b[K")
-        screen.out.flush()
     return status
 
 
@@ -409,6 +406,8 @@ def run(args: argparse.Namespace) -> int:
         if saved is not None:
             import termios
 
+            sys.stdout.write("\r\x1b[K")  # leave no half-typed line behind
+            sys.stdout.flush()
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
