@@ -471,3 +471,12 @@ def test_every_case_has_a_summary_and_a_timeout_setting() -> None:
         assert case.summary
         assert isinstance(getattr(Settings(), case.timeout), float)
         assert getattr(Settings(), case.timeout) < math.inf
+
+
+async def test_command_lists_cases_and_refuses_unknown_ones() -> None:
+    """--list prints every case; --only with a name that is not a case is a usage error."""
+    listing = await _check_command("--list")
+    assert [line.split()[0] for line in listing.stdout.decode().splitlines()] == case_names()
+    refused = await _check_command("127.0.0.1", "9", "--only", "grader,nosuch")
+    assert refused.returncode == 2
+    assert "no such case: nosuch" in refused.stderr.decode()
