@@ -285,10 +285,12 @@ class ChatModel(RuleBasedStateMachine):
             f"JOIN_CHATROOM: {room}", "CLIENT_IP: 0", "PORT: 0", f"CLIENT_NAME: {name}", crlf=crlf
         )
         self.send(model, request, cuts)
-        room_ref = self.room_refs.setdefault(room, len(self.room_refs))
+        room_ref = self.room_refs.get(room)
         if room_ref not in model.rooms and len(model.rooms) >= CONFIG.max_rooms_per_connection:
             model.expected += error_prefix(5) + b"<description>\n"
-            return
+            return  # and a refused JOIN allocates no ROOM_REF
+        if room_ref is None:
+            room_ref = self.room_refs[room] = len(self.room_refs)
         if model.join_id is None:
             model.join_id = self.next_join_id
             self.next_join_id += 1
