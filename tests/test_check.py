@@ -66,6 +66,7 @@ class Faults:
     no_line_limit: bool = False
     no_room_limit: bool = False
     disconnect_in_join_order: bool = False
+    serve_after_disconnect: bool = False
     silent_vanish: bool = False
     blocking_fanout: bool = False
     unbounded_queue: bool = False
@@ -251,7 +252,7 @@ class MiniServer:
                 )
             elif isinstance(event, Disconnect):
                 self._end_membership(session, announce=True)
-                return True
+                return not faults.serve_after_disconnect
             elif isinstance(event, KillService):
                 if not faults.ignore_kill:
                     self.scope.cancel()
@@ -366,6 +367,7 @@ FAULT_CASES = [
     ("error_3_for_unknown_room", {"error_2"}, ()),
     ("no_membership_check", {"error_3"}, ()),
     ("disconnect_in_join_order", {"disconnect"}, ()),
+    ("serve_after_disconnect", {"grader", "disconnect"}, ()),
     ("silent_vanish", {"eof_reset"}, ()),
     ("wrong_helo_port", {"grader", "helo"}, ()),
     ("no_line_limit", {"error_4"}, ("error_4",)),

@@ -19,6 +19,10 @@ class Settings:
     """How long opening one TCP connection may take."""
     reply_timeout: float = 5.0
     """How long to wait for bytes that should arrive (a reply, a broadcast, a close)."""
+    optional_wait: float = 0.5
+    """How long to wait for the rest of what PROTOCOL.md describes once a tolerated shorter
+    variant has arrived (a LEAVE reply without the leaver's own announcement, in cases not
+    about leaving): long enough for a broadcast to cross the nodes of a cluster."""
     case_timeout: float = 30.0
     """The most one ordinary case may take, all its steps together."""
     crowd_timeout: float = 60.0

@@ -203,14 +203,21 @@ class Conn:
 
         The first alternative is what PROTOCOL.md describes; others are tolerated variants.
         Waits while what arrived is the start of an alternative (a broadcast may still be on
-        its way, through another node of a cluster), then sends a HELO barrier: whatever
-        arrived before its reply must be exactly an alternative.
+        its way, through another node of a cluster), but only `optional_wait` once a tolerated
+        variant is complete; then sends a HELO barrier: whatever arrived before its reply must
+        be exactly an alternative.
         """
-        with trio.move_on_after(self.settings.reply_timeout):
-            while any(
-                len(self.buffer) < len(option) and option.startswith(normalize(bytes(self.buffer)))
-                for option in alternatives
-            ):
+        with trio.move_on_after(self.settings.reply_timeout) as waiting:
+            while True:
+                so_far = normalize(bytes(self.buffer))
+                if not any(
+                    len(so_far) < len(option) and option.startswith(so_far)
+                    for option in alternatives
+                ):
+                    break
+                if so_far in alternatives:  # a tolerated variant: the rest is optional
+                    deadline = trio.current_time() + self.settings.optional_wait
+                    waiting.deadline = min(waiting.deadline, deadline)
                 await self.fill(f"{self.label}: {step}")
         arrived = normalize(await self.settle(f"{self.label}: {step}"))
         if arrived not in alternatives:
