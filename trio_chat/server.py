@@ -281,6 +281,8 @@ class Connection:
         parser = RequestParser(config.max_message)
         receive = self.stream.receive_some
         feed_line = parser.feed_line
+        plain_chat = parser.plain_chat
+        max_line = config.max_line
         while True:
             if config.idle_timeout is None or self.ending is not None:
                 data = await receive(config.receive_size)
@@ -293,18 +295,34 @@ class Connection:
             if not data:
                 return self.ending or "eof"
             try:
-                for line in buffer.feed(data):
-                    if self.ending is not None:
-                        if line.strip() == b"KILL_SERVICE":
-                            self.server.shutdown(f"KILL_SERVICE from {self.peer}")
-                        continue
-                    for event in feed_line(line):
-                        if type(event) is Join:
-                            await self._join(event)
-                        elif self._handle(event):
-                            self.ending = "disconnect"
-                            self._close_gracefully()
+                # Plain CHAT requests whole in `data` take the parser's shortcut; everything
+                # else goes through the line buffer one line at a time, so that the shortcut
+                # can be taken again as soon as the parser is between requests.
+                start = 0
+                end = len(data)
+                while start < end:
+                    if self.ending is None and not len(buffer):
+                        while (found := plain_chat(data, start, max_line)) is not None:
+                            chat, start = found
+                            self._handle(chat)
+                        if start == end:
                             break
+                    newline = data.find(b"\n", start)
+                    stop = end if newline < 0 else newline + 1
+                    piece = data[start:stop] if start or stop < end else data
+                    start = stop
+                    for line in buffer.feed(piece):
+                        if self.ending is not None:
+                            if line.strip() == b"KILL_SERVICE":
+                                self.server.shutdown(f"KILL_SERVICE from {self.peer}")
+                            continue
+                        for event in feed_line(line):
+                            if type(event) is Join:
+                                await self._join(event)
+                            elif self._handle(event):
+                                self.ending = "disconnect"
+                                self._close_gracefully()
+                                break
             except ProtocolError as error:  # only "too large" is raised; the rest are events
                 buffer = LineBuffer(config.max_line)  # what it held is discarded
                 if self.ending is None:
