@@ -41,7 +41,7 @@ from trio_chat.server import serve
 # Faulty servers fail some cases by not sending what is awaited: a short wait keeps the
 # suite fast, and is still hundreds of times what a local server needs to answer. Bytes sent
 # one at a time go without pauses except where the pause matters (see below).
-FAST = Settings(reply_timeout=2.0, byte_pause=0.0)
+FAST = Settings(reply_timeout=1.0, byte_pause=0.0)
 
 # Cases that take longer (many connections, many rooms, megabytes) run against a faulty
 # server only when they are the ones meant to catch its fault.
