@@ -30,6 +30,8 @@ from trio_chat.client import ChatMessage, Error, Joined, Reply, ReplyError, Repl
 
 # A ROOM_REF no server will have assigned while being checked.
 UNUSED_REF = 999_999_999
+# How often, after KILL_SERVICE, the kill case tries to connect until the port refuses.
+KILL_POLL_INTERVAL = 0.05
 
 
 @define(eq=False)
@@ -777,7 +779,7 @@ async def case_kill(ctx: Context) -> None:
             except OSError:
                 return
             await stream.aclose()
-            await trio.sleep(0.05)
+            await trio.sleep(KILL_POLL_INTERVAL)
     raise CaseFailed(
         f"the port refuses connections within {settings.kill_timeout:g} s of KILL_SERVICE",
         expected="connection refused",
