@@ -66,11 +66,17 @@ def test_chat_encoding_is_the_protocol_text() -> None:
 
 @pytest.mark.parametrize(
     "request_",
-    [Join("a\nb", "ann"), Join("room", "a\rb"), Chat(0, 0, "ann", "one\n\ntwo"), Helo("x\ny")],
+    [
+        Join("a\nb", "ann"),
+        Join("room", "a\rb"),
+        Chat(0, 0, "ann", "one\n\ntwo"),
+        Chat(0, 0, "ann", "one\rtwo"),
+        Helo("x\ny"),
+    ],
 )
 def test_requests_that_would_break_framing_are_refused(request_: Request) -> None:
-    """A newline in a one-line field, or a blank line in a message, raises ValueError."""
-    with pytest.raises(ValueError, match="line"):
+    """A line break in a one-line field, a blank line or a CR in a message: ValueError."""
+    with pytest.raises(ValueError, match=r"line|carriage"):
         encode_request(request_)
 
 

@@ -160,7 +160,10 @@ async def test_server_error_is_printed_and_exits_nonzero(nursery: trio.Nursery) 
 
 async def test_local_mistakes_are_reported_and_the_session_goes_on(server_port: int) -> None:
     """Unknown commands, a room not joined and chat before any join print a notice, not exit."""
-    script = "talking to no one\n/switch nowhere\n/leave nowhere\n/dance\n/join r\n//slash\n"
+    script = (
+        "talking to no one\n/switch nowhere\n/leave nowhere\n/dance\n/join r\n//slash\n"
+        "carriage\rreturn\n"
+    )
     result = await run_script(server_port, script, "--name", "ann")
     assert result.returncode == 0
     assert result.stderr.decode().splitlines() == [
@@ -168,6 +171,7 @@ async def test_local_mistakes_are_reported_and_the_session_goes_on(server_port: 
         "not in room 'nowhere'; /join it first",
         "not in room 'nowhere'",
         "unknown command /dance (/help lists them)",
+        "not sent: a message must not contain a carriage return",
     ]
     assert "[r] ann: /slash" in result.stdout.decode().splitlines()
 

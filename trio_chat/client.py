@@ -133,7 +133,9 @@ def encode_request(request: Request) -> bytes:
         return f"DISCONNECT: 0\nPORT: 0\nCLIENT_NAME: {name}\n".encode()
     name = _one_line("client name", request.client_name)
     message = request.message.replace("\r\n", "\n")
-    if "\r" in message or "\n\n" in message:
+    if "\r" in message:
+        raise ValueError("a message must not contain a carriage return")
+    if "\n\n" in message:
         raise ValueError("a message may span lines but must not contain a blank line")
     return (
         f"CHAT: {request.room_ref}\nJOIN_ID: {request.join_id}\nCLIENT_NAME: {name}\n"

@@ -175,16 +175,19 @@ class TerminalClient:
 
     async def command(self, line: str) -> bool:
         """Carry out one input line; True once the session is ending."""
-        if not line.startswith("/") or line.startswith("//"):
-            await self._say(line[1:] if line.startswith("//") else line)
+        try:
+            if not line.startswith("/") or line.startswith("//"):
+                await self._say(line[1:] if line.startswith("//") else line)
+                return False
+            verb, _, argument = line[1:].partition(" ")
+            handler = self._commands.get(verb)
+            if handler is None:
+                self.screen.error(f"unknown command /{verb} (/help lists them)")
+                return False
+            return await handler(self, argument.strip())
+        except ValueError as exc:  # text the protocol cannot carry, such as a carriage return
+            self.screen.error(f"not sent: {exc}")
             return False
-        verb, _, argument = line[1:].partition(" ")
-        argument = argument.strip()
-        handler = self._commands.get(verb)
-        if handler is None:
-            self.screen.error(f"unknown command /{verb} (/help lists them)")
-            return False
-        return await handler(self, argument)
 
     async def _say(self, text: str) -> None:
         if not text:
