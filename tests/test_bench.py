@@ -42,6 +42,7 @@ async def test_capacity_run_delivers_everything_exactly_once_and_reports_figures
     assert (result.lost, result.duplicates, result.out_of_order, result.errors) == (0, 0, 0, 0)
     assert result.self_echoes <= 2 * 2 * 40  # the run ends at the last delivery
     assert result.sent == 2 * 2 * 40
+    assert result.slow_frames == 0  # every chunk passed the fast check
     assert result.deliveries_per_s > 0
     assert result.connections == 8
     latency = result.latency_us
@@ -64,6 +65,7 @@ async def test_many_senders_and_large_messages_are_checked_too(server_port: int)
     result = await bench_in_thread(server_port, load)
     assert result.ok, result.first_error
     assert result.delivered == 11 * 30 * 11
+    assert result.slow_frames == 0
 
 
 # -- faults ------------------------------------------------------------------------------------
