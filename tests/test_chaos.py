@@ -497,5 +497,5 @@ async def test_server_out_of_descriptors_makes_clients_wait_not_fail() -> None:
             with trio.fail_after(RECEIVE_TIMEOUT):
                 status = await server.process.wait()
     assert status == 0
-    assert b"accept failed (Too many open files)" in server.log
+    assert b"Too many open files" in server.log  # it did run out, and said so
     assert b"Traceback" not in server.log
