@@ -41,7 +41,7 @@ from trio_chat.server import serve
 # Faulty servers fail some cases by not sending what is awaited: a short wait keeps the
 # suite fast, and is still hundreds of times what a local server needs to answer. Bytes sent
 # one at a time go without pauses except where the pause matters (see below).
-FAST = Settings(reply_timeout=1.0, byte_pause=0.0)
+FAST = Settings(reply_timeout=1.0, optional_wait=0.2, byte_pause=0.0)
 
 # Cases that take longer (many connections, many rooms, megabytes) run against a faulty
 # server only when they are the ones meant to catch its fault.
@@ -389,7 +389,7 @@ async def test_each_fault_fails_exactly_its_cases(
 ) -> None:
     """A server with one fault fails the cases about that fault and passes every other."""
     port = await start_mini(nursery, Faults(**{fault: True}))
-    settings = attrs.evolve(FAST, flood_timeout=3.0, kill_timeout=1.0)
+    settings = attrs.evolve(FAST, flood_timeout=2.0, kill_timeout=1.0)
     if fault == "recv_holds_whole_requests":  # keep the bytes in separate segments
         settings = attrs.evolve(settings, byte_pause=Settings().byte_pause)
     results = await run_checks(
