@@ -54,24 +54,43 @@ class Faults:
     """Deliberate mistakes, each of which some case must catch."""
 
     answer_unknown: bool = False
+    """Replies ERROR_CODE to a line that starts no request."""
     no_self_leave: bool = False
+    """Ends the leaver's membership before the leave announcement."""
     recv_holds_whole_requests: bool = False
+    """Parses each recv on its own, dropping a request split across two."""
     joined_after_announcement: bool = False
+    """Broadcasts the join announcement before replying JOINED."""
     no_crlf: bool = False
+    """Keeps the \\r of CRLF line ends."""
     strict_spacing: bool = False
+    """Ignores field lines without ": " (as if split on it)."""
     silent_stray_leave: bool = False
+    """Answers nothing to a LEAVE for a room the client is not in."""
     lenient_integers: bool = False
+    """Ignores malformed requests instead of answering error 1."""
     error_3_for_unknown_room: bool = False
+    """Answers error 3 where error 2 is due."""
     no_membership_check: bool = False
+    """Relays a CHAT from a non-member."""
     no_line_limit: bool = False
+    """Accepts lines of any length."""
     no_room_limit: bool = False
+    """Lets a connection join any number of rooms."""
     disconnect_in_join_order: bool = False
+    """Announces a DISCONNECT's leaves in joining order, not ROOM_REF order."""
     serve_after_disconnect: bool = False
+    """Keeps answering requests after DISCONNECT."""
     silent_vanish: bool = False
+    """Announces nothing when a client closes or resets its connection."""
     blocking_fanout: bool = False
+    """Writes each broadcast to every member itself, waiting for slow readers."""
     unbounded_queue: bool = False
+    """Queues without limit for a client that does not read."""
     wrong_helo_port: bool = False
+    """Reports the listening port plus one in HELO."""
     ignore_kill: bool = False
+    """Ignores KILL_SERVICE."""
 
 
 MAX_LINE = 64 * 1024
