@@ -259,6 +259,40 @@ async def send_until_cut_off(client: Client, data: bytes) -> None:
             await client.send(data)
 
 
+async def test_slow_member_of_several_rooms_leaves_each_when_cut_off() -> None:
+    """A member cut off for not reading is announced as gone in each of its rooms, in order."""
+    config = Config(max_outbound=16 * KIB)
+    rooms = ["a", "b", "c"]
+    async with memory_server(config) as server:
+        slow = server.connect("slow", pair=trio.testing.lockstep_stream_pair)
+        talker = server.connect("talker")
+        for room in rooms:
+            await talker.send(join(room, "talker"))
+            await talker.receive_until(b"MESSAGE: talker has joined this chatroom.\n\n")
+            await slow.send(join(room, f"slow-{room}"))
+            await talker.receive_until(
+                f"MESSAGE: slow-{room} has joined this chatroom.\n\n".encode()
+            )
+        leaves: list[bytes] = []
+        sent = 0
+        with trio.fail_after(RECEIVE_TIMEOUT):
+            while not leaves:
+                text = f"{sent:05d}" + "t" * 1000
+                await talker.send(chat(1, "talker", text))
+                while (message := await talker.receive_until(b"\n\n")) != broadcast(
+                    1, "talker", text
+                ):
+                    leaves.append(message)
+                sent += 1
+        leaves += [await talker.receive_until(b"\n\n") for _ in range(3 - len(leaves))]
+        assert leaves == [
+            broadcast(ref, f"slow-{room}", f"slow-{room} has left this chatroom.")
+            for ref, room in enumerate(rooms)
+        ]
+        assert sent <= config.max_outbound // 1000 + 1
+        await talker.expect_nothing()
+
+
 async def test_client_that_pipelines_requests_but_never_reads_is_cut_off() -> None:
     """Replies to a client's own requests are bounded too: HELO flood without reading ends it."""
     config = Config(max_outbound=64 * KIB)
