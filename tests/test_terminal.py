@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import trio
 from tests.chatclient import Client
 from trio_chat.config import Config
 from trio_chat.server import serve
+from trio_chat.terminal import Screen, typed_lines
 
 # How long to wait for the client's output or exit. Only reached when something is wrong.
 OUTPUT_TIMEOUT = 20.0
@@ -255,3 +257,43 @@ async def test_typing_in_a_terminal_while_messages_arrive(server_port: int) -> N
             )
     finally:
         await tmux.run("kill-server", check=False)  # gone already if the client exited
+
+
+# -- the line editor -------------------------------------------------------------------------
+
+
+async def _typed(keys: bytes) -> list[str]:
+    """The lines `typed_lines` yields for `keys`."""
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, keys)
+    os.close(write_fd)
+    out = io.StringIO()
+    screen = Screen(out, io.StringIO(), interactive=True)
+    try:
+        with trio.fail_after(OUTPUT_TIMEOUT):
+            lines = [line async for line in typed_lines(read_fd, screen)]
+    finally:
+        os.close(read_fd)
+    return lines
+
+
+async def test_line_editor_keys() -> None:
+    """Backspace, Ctrl-U, Ctrl-W and arrow keys edit the line; Enter submits it."""
+    keys = b"helx\x7flo\r" + b"junk\x15kept\r" + b"one two\x17three\r" + b"a\x1b[Db\x1bOAc\r"
+    lines = await _typed(keys)
+    assert lines == ["hello", "kept", "one three", "abc"]
+
+
+async def test_line_editor_ctrl_d_ends_input_only_on_an_empty_line() -> None:
+    """Ctrl-D with text typed does nothing; on an empty line it ends the input."""
+    lines = await _typed(b"x\x04y\r\x04ignored\r")
+    assert lines == ["xy"]
+
+
+def test_screen_prints_above_the_line_being_typed() -> None:
+    """A message shown mid-typing wipes the input line, prints, then redraws prompt and text."""
+    out = io.StringIO()
+    screen = Screen(out, io.StringIO(), interactive=True)
+    screen.prompt, screen.typed = "[lobby] ", "hal"
+    screen.show("[lobby] bob: hi")
+    assert out.getvalue() == "\r\x1b[K[lobby] bob: hi\n\r\x1b[K[lobby] hal"

@@ -14,7 +14,8 @@ import os
 import stat
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from typing import ClassVar, TextIO
 
 import trio
@@ -166,11 +167,12 @@ class TerminalClient:
 
     # -- outgoing --------------------------------------------------------------------------
 
-    async def run_commands(self, lines: AsyncIterator[str]) -> None:
+    async def run_commands(self, lines: AsyncGenerator[str, None]) -> None:
         """Carry out each input line; at end of input, disconnect as /quit does."""
-        async for line in lines:
-            if await self.command(line):
-                return
+        async with aclosing(lines):
+            async for line in lines:
+                if await self.command(line):
+                    return
         await self._quit()
 
     async def command(self, line: str) -> bool:
@@ -279,7 +281,7 @@ class TerminalClient:
 READ_SIZE = 4096
 
 
-async def _read_chunks(fd: int) -> AsyncIterator[bytes]:
+async def _read_chunks(fd: int) -> AsyncGenerator[bytes, None]:
     mode = os.fstat(fd).st_mode
     pollable = os.isatty(fd) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
     while True:
@@ -291,19 +293,20 @@ async def _read_chunks(fd: int) -> AsyncIterator[bytes]:
         yield data
 
 
-async def piped_lines(fd: int) -> AsyncIterator[str]:
+async def piped_lines(fd: int) -> AsyncGenerator[str, None]:
     """The lines of a non-terminal input, without their terminators."""
     pending = b""
-    async for data in _read_chunks(fd):
-        pending += data
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            yield line.removesuffix(b"\r").decode("utf-8", "replace")
+    async with aclosing(_read_chunks(fd)) as chunks:
+        async for data in chunks:
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line.removesuffix(b"\r").decode("utf-8", "replace")
     if pending:
         yield pending.decode("utf-8", "replace")
 
 
-async def typed_lines(fd: int, screen: Screen) -> AsyncIterator[str]:
+async def typed_lines(fd: int, screen: Screen) -> AsyncGenerator[str, None]:
     """The lines typed on a terminal in cbreak mode, echoed and edited on `screen`.
 
     Backspace, Ctrl-U (erase line) and Ctrl-W (erase word) edit; Ctrl-D on an empty line ends
@@ -312,33 +315,34 @@ async def typed_lines(fd: int, screen: Screen) -> AsyncIterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     escape = 0  # 1: after ESC; 2: inside a CSI/SS3 sequence
     screen.redraw()
-    async for data in _read_chunks(fd):
-        for char in decoder.decode(data):
-            if escape:
-                if escape == 1 and char in "[O":
-                    escape = 2
-                elif escape == 1 or "@" <= char <= "~":
-                    escape = 0
-                continue
-            if char in "\r\n":
-                line, screen.typed = screen.typed, ""
-                screen.redraw()
-                yield line
-            elif char in "\x7f\x08":
-                screen.typed = screen.typed[:-1]
-            elif char == "\x15":
-                screen.typed = ""
-            elif char == "\x17":
-                screen.typed = screen.typed.rstrip()
-                screen.typed = screen.typed[: screen.typed.rfind(" ") + 1]
-            elif char == "\x04":
-                if not screen.typed:
-                    return
-            elif char == "\x1b":
-                escape = 1
-            elif char >= " ":
-                screen.typed += char
-        screen.redraw()
+    async with aclosing(_read_chunks(fd)) as chunks:
+        async for data in chunks:
+            for char in decoder.decode(data):
+                if escape:
+                    if escape == 1 and char in "[O":
+                        escape = 2
+                    elif escape == 1 or "@" <= char <= "~":
+                        escape = 0
+                    continue
+                if char in "\r\n":
+                    line, screen.typed = screen.typed, ""
+                    screen.redraw()
+                    yield line
+                elif char in "\x7f\x08":
+                    screen.typed = screen.typed[:-1]
+                elif char == "\x15":
+                    screen.typed = ""
+                elif char == "\x17":
+                    screen.typed = screen.typed.rstrip()
+                    screen.typed = screen.typed[: screen.typed.rfind(" ") + 1]
+                elif char == "\x04":
+                    if not screen.typed:
+                        return
+                elif char == "\x1b":
+                    escape = 1
+                elif char >= " ":
+                    screen.typed += char
+            screen.redraw()
 
 
 # -- the command -----------------------------------------------------------------------------
