@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import AsyncIterator
 from types import TracebackType
 
 import trio
@@ -345,16 +344,15 @@ class ChatClient:
                     self._pending.append(event)
         return self._pending.popleft()
 
-    def __aiter__(self) -> AsyncIterator[Reply]:
-        return self._events()
+    def __aiter__(self) -> ChatClient:
+        return self
 
-    async def _events(self) -> AsyncIterator[Reply]:
-        while True:
-            try:
-                event = await self.receive()
-            except EOFError:
-                return
-            yield event
+    async def __anext__(self) -> Reply:
+        """The next event; iteration ends when the server closes the connection."""
+        try:
+            return await self.receive()
+        except EOFError:
+            raise StopAsyncIteration from None
 
     async def aclose(self) -> None:
         """Close the connection."""
