@@ -501,3 +501,18 @@ async def test_command_lists_cases_and_refuses_unknown_ones() -> None:
     refused = await _check_command("127.0.0.1", "9", "--only", "grader,nosuch")
     assert refused.returncode == 2
     assert "no such case: nosuch" in refused.stderr.decode()
+
+
+async def test_an_advertised_address_is_checked_when_named(nursery: trio.Nursery) -> None:
+    """A server reporting a configured IP fails the HELO checks unless the checker is told."""
+    config = Config(host="127.0.0.1", port=0, advertise_ip="10.9.8.7")
+    listeners = await nursery.start(serve, config)
+    port = listeners[0].socket.getsockname()[1]
+    only = ["grader", "helo", "pipelining"]
+    plain = await run_checks("127.0.0.1", port, FAST, only=only)
+    assert failed(plain) == {"grader", "helo"}
+    told = await run_checks(
+        "127.0.0.1", port, attrs.evolve(FAST, advertise_ip="10.9.8.7"), only=only
+    )
+    assert failed(told) == set(), describe(told)
+    nursery.cancel_scope.cancel()

@@ -60,6 +60,11 @@ class Context:
         self.conns.append(conn)
         return conn
 
+    def identity(self, conn: Conn) -> tuple[str, int]:
+        """The IP and port the server should report in HELO and JOINED to `conn`."""
+        host, port = conn.peer
+        return self.settings.advertise_ip or host, self.settings.advertise_port or port
+
     def helo_reply(self, conn: Conn, text: str) -> bytes:
         """The exact HELO reply, given the identity the server gave in an earlier HELO."""
         return f"HELO {text}\n".encode() + conn.helo_tail
@@ -113,8 +118,7 @@ async def expect_all(step: str, *pairs: tuple[Conn, bytes]) -> None:
 @case("the sequence the lab's grader runs: HELO, joins, chats, leave, disconnect, rejoin")
 async def case_grader(ctx: Context) -> None:
     base = await ctx.connect("base")
-    host, port = base.peer
-    ip = ctx.settings.advertise_ip or host
+    ip, port = ctx.identity(base)
     await base.send("HELO BASE_TEST\n")
     await _expect_helo(base, "BASE_TEST", ip, port, "HELO on the base connection")
     await base.send("UNKNOWN_MESSAGE from the grader\n")
@@ -727,8 +731,7 @@ async def _take_joined(conn: Conn, room: str, client_name: str) -> Membership:
 @case("HELO: text echoed verbatim, the IP and port the client reached, same as in JOINED")
 async def case_helo(ctx: Context) -> None:
     a = await ctx.connect("a")
-    host, port = a.peer
-    ip = ctx.settings.advertise_ip or host
+    ip, port = ctx.identity(a)
     text = "text  with: colons,  spaces and ünïcode"
     await a.send(f"HELO {text}\n")
     await _expect_helo(a, text, ip, port, "HELO before any JOIN")

@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         max_line=args.max_line,
         room_limit=args.room_limit,
         advertise_ip=args.advertise_ip,
+        advertise_port=args.advertise_port,
     )
     only = [name for value in args.only or () for name in value.split(",") if name]
     report = None if args.json else (lambda result: print_result(result, sys.stdout))
@@ -235,4 +236,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--advertise-ip",
         default=None,
         help="the IP the server is configured to report (default: the address connected to)",
+    )
+    parser.add_argument(
+        "--advertise-port",
+        type=int,
+        default=None,
+        help="the port the server reports, if not PORT (behind a port mapping)",
     )

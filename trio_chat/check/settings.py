@@ -63,3 +63,6 @@ class Settings:
     advertise_ip: str | None = None
     """The IP the server is configured to report in HELO and JOINED; None: the address the
     checker connected to, as PROTOCOL.md says by default."""
+    advertise_port: int | None = None
+    """The port the server reports, when it differs from the one the checker connects to
+    (behind a port mapping or a proxy); None: the port connected to."""
