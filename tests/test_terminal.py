@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -232,7 +233,7 @@ class Tmux:
 async def test_typing_in_a_terminal_while_messages_arrive(server_port: int) -> None:
     """On a terminal, a message arriving mid-typing prints above the line being typed."""
     tmux = Tmux()
-    command = " ".join(client_command(server_port, "--name", "ann", "--room", "lobby"))
+    command = shlex.join(client_command(server_port, "--name", "ann", "--room", "lobby"))
     await tmux.run("new-session", "-d", "-s", "chat", "-x", "100", "-y", "20", command)
     try:
         await tmux.wait_for_screen("[lobby] ann: ann has joined this chatroom.", "[lobby]")
