@@ -170,15 +170,23 @@ async def chat_in_busy_room(
     return received
 
 
-def check_busy_room(received: list[list[bytes]], room_ref: int, limit: int) -> None:
+# How far past `max_outbound` the slow client's leave may come. The cut-off takes effect when
+# its connection task next runs, so the chats the server reads in one receive (up to 64 KiB)
+# may still go out first; over TCP the kernel's socket buffers also take some (tens of KiB on
+# loopback with a 4 KiB receive buffer; generous for other kernels).
+ELSEWHERE_LOCKSTEP = 64 * KIB
+ELSEWHERE_TCP = 256 * KIB
+
+
+def check_busy_room(received: list[list[bytes]], room_ref: int, limit: int, elsewhere: int) -> None:
     """Every reader got every chat once and in order, and the slow one's leave early on."""
     chats = [broadcast(room_ref, "sender", numbered(i)) for i in range(MESSAGES)]
     left = broadcast(room_ref, "slow", "slow has left this chatroom.")
     for stream in received:
         assert [m for m in stream if m != left] == chats
         assert stream.count(left) == 1
-        # The slow client is cut off once about `limit` bytes wait for it, not at the end.
-        assert stream.index(left) <= limit // len(chats[0]) + 64
+        # Cut off once `limit` bytes wait for it (plus what is held elsewhere), not at the end.
+        assert stream.index(left) <= (limit + elsewhere) // len(chats[0])
 
 
 async def test_client_that_never_reads_over_lockstep_stream_is_cut_off_and_others_get_everything(
@@ -209,7 +217,7 @@ async def test_client_that_never_reads_over_lockstep_stream_is_cut_off_and_other
             unsent.extend(c.outbox.unsent for c in slow_connection)
 
         received = await chat_in_busy_room(sender, [sender, *readers], 0, watch_slow_queue)
-        check_busy_room(received, 0, config.max_outbound)
+        check_busy_room(received, 0, config.max_outbound, ELSEWHERE_LOCKSTEP)
         assert max(unsent) <= config.max_outbound
         assert "slow" not in {c.peer for c in server.server.connections}
         assert "slow disconnected: outbound queue full" in caplog.text
@@ -244,7 +252,7 @@ async def test_client_with_tiny_receive_buffer_over_tcp_is_cut_off_and_others_ge
                 )
             await client.receive_until(b"MESSAGE: slow has joined this chatroom.\n\n")
         received = await chat_in_busy_room(sender, [sender, *readers], 0)
-        check_busy_room(received, 0, config.max_outbound)
+        check_busy_room(received, 0, config.max_outbound, ELSEWHERE_TCP)
         assert "disconnected: outbound queue full" in caplog.text
         for client, _ in members:
             await client.expect_nothing()
@@ -289,7 +297,7 @@ async def test_slow_member_of_several_rooms_leaves_each_when_cut_off() -> None:
             broadcast(ref, f"slow-{room}", f"slow-{room} has left this chatroom.")
             for ref, room in enumerate(rooms)
         ]
-        assert sent <= config.max_outbound // 1000 + 1
+        assert sent <= config.max_outbound // 1000 + 4  # cut off within a few round trips
         await talker.expect_nothing()
 
 
