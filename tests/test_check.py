@@ -53,6 +53,8 @@ LIGHT = [name for name in case_names() if name not in HEAVY]
 class Faults:
     """Deliberate mistakes, each of which some case must catch."""
 
+    greet: bool = False
+    """Sends a welcome line to each new connection."""
     answer_unknown: bool = False
     """Replies ERROR_CODE to a line that starts no request."""
     no_self_leave: bool = False
@@ -167,6 +169,8 @@ class MiniServer:
         conn = kind(stream, cut_off, bounded=not self.faults.unbounded_queue)
         session = Session(conn)
         self.connections.add(conn)
+        if self.faults.greet:
+            conn.push(b"WELCOME to the mini server\n")
         announce = not self.faults.silent_vanish
         try:
             with cut_off:
@@ -375,6 +379,7 @@ async def test_kill_is_skipped_without_the_flag(server_port: int) -> None:
 FAULT_CASES = [
     # fault, the cases that must fail (the grader's sequence fails where it covers the
     # behaviour), extra heavy cases to run
+    ("greet", {"grader", "connect_silence"}, ()),
     ("answer_unknown", {"grader", "unknown_lines"}, ()),
     ("no_self_leave", {"grader", "leave"}, ()),
     ("recv_holds_whole_requests", {"byte_by_byte"}, ()),

@@ -49,8 +49,13 @@ class Context:
         """A room name no other case or run uses."""
         return f"{self.prefix}-{label}"
 
-    async def connect(self, label: str) -> Conn:
-        """Open a new connection."""
+    async def connect(self, label: str, *, greeting: bool = True) -> Conn:
+        """Open a new connection.
+
+        With `greeting`, anything the server sends on connecting (PROTOCOL.md says: nothing)
+        is read and dropped, so that only `connect_silence` (and the grader's sequence) fail
+        a server that greets its clients.
+        """
         try:
             with trio.fail_after(self.settings.connect_timeout):
                 stream = await trio.open_tcp_stream(self.host, self.port)
@@ -58,6 +63,8 @@ class Context:
             raise CaseFailed(f"{label}: cannot connect ({exc or 'timed out'})") from None
         conn = Conn(stream, label, self.settings)
         self.conns.append(conn)
+        if greeting:
+            await conn.settle(f"{label}: connect")
         return conn
 
     def identity(self, conn: Conn) -> tuple[str, int]:
@@ -117,7 +124,7 @@ async def expect_all(step: str, *pairs: tuple[Conn, bytes]) -> None:
 
 @case("the sequence the lab's grader runs: HELO, joins, chats, leave, disconnect, rejoin")
 async def case_grader(ctx: Context) -> None:
-    base = await ctx.connect("base")
+    base = await ctx.connect("base", greeting=False)
     ip, port = ctx.identity(base)
     await base.send("HELO BASE_TEST\n")
     await _expect_helo(base, "BASE_TEST", ip, port, "HELO on the base connection")
@@ -125,7 +132,7 @@ async def case_grader(ctx: Context) -> None:
     await base.expect_nothing("an unknown line gets no reply")
 
     room1, room2 = ctx.room("room1"), ctx.room("room2")
-    c1, c2, c3, c4 = [await ctx.connect(f"client{i}") for i in range(1, 5)]
+    c1, c2, c3, c4 = [await ctx.connect(f"client{i}", greeting=False) for i in range(1, 5)]
 
     async def nothing_else(step: str, *conns: Conn) -> None:
         for conn in conns:
@@ -185,7 +192,7 @@ async def case_grader(ctx: Context) -> None:
     chat = await c3.chat(m3, "room2 after client4 left")
     await expect_all("client3 chats in room2", (c3, chat), (c1, chat), (c2, b""))
 
-    c5 = await ctx.connect("client4-again")
+    c5 = await ctx.connect("client4-again", greeting=False)
     m5 = await c5.join(room2, "client4", strict=True)
     if m5.room_ref != m3.room_ref or m5.join_id in ids:
         raise CaseFailed(
@@ -377,6 +384,15 @@ async def case_leave_repeat(ctx: Context) -> None:
 
 
 # -- silence ---------------------------------------------------------------------------------
+
+
+@case("nothing is sent on connecting, to the new client or to anyone else")
+async def case_connect_silence(ctx: Context) -> None:
+    member = await ctx.connect("member")
+    await member.join(ctx.room("room"), "member")
+    newcomer = await ctx.connect("newcomer", greeting=False)
+    await newcomer.expect_nothing("a new connection is not greeted")
+    await member.expect_nothing("a new connection is not announced")
 
 
 @case("unknown lines get no reply at all and the connection stays usable")
