@@ -278,7 +278,7 @@ class _Room:
     digit_offset: int = 0
     fixed: list[tuple[int, bytes]] = field(factory=list)
     """(offset, byte) that every frame of the room has: where it starts, its ROOM_REF, the
-    marks around the digits, where it ends."""
+    mark after the digits, where it ends."""
 
 
 def _payload_length(load: Load, digits: _Digits) -> int:
@@ -414,10 +414,13 @@ class _Run:
     arrivals: list[tuple[int, int, int, int]] = field(factory=list)
     """(arrival time ns, global sender, first seq, count) for each checked run of messages."""
     send_lag: array.array[int] = field(factory=lambda: array.array("q"))
+    receive_buffer: bytearray = field(factory=lambda: bytearray(RECEIVE_SIZE))
+    receive_view: memoryview = field(init=False)
     last_progress: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         self.digits = _Digits.for_load(self.load)
+        self.receive_view = memoryview(self.receive_buffer)
 
     # errors and progress
 
@@ -513,10 +516,10 @@ class _Run:
             room.digit_offset = head + 1
             room.frame_length = length = head + payload + 2
             after_digits = room.digit_offset + self.digits.width
-            # The ROOM_REF with the newline after it, the name's first byte, the marks
-            # around the digits and the blank line: a frame out of place fails one of them.
-            where = [0, *range(len("CHAT: "), len(f"CHAT: {room.ref}\n")), len(prefix) - 1]
-            where += [head, after_digits, length - 2, length - 1]
+            # Where a frame starts, its ROOM_REF and the newline after it, the mark after the
+            # digits and the blank line: a frame out of place fails one of them.
+            where = [0, *range(len("CHAT: "), len(f"CHAT: {room.ref}\n"))]
+            where += [after_digits, length - 2, length - 1]
             template = prefix + b"0" * (name_length - len(_NAME_PREFIX)) + b"\nMESSAGE: "
             template += _message(self.digits, self.load, 0, 0) + b"\n\n"
             assert len(template) == length
@@ -766,18 +769,20 @@ class _Run:
     def _receive(self, conn: _Conn) -> list[int]:
         """Read and check what arrived; the room's senders acknowledged if this is member 0."""
         try:
-            data = conn.sock.recv(RECEIVE_SIZE)
+            # Into one buffer allocated once: a fresh 256 KiB object per receive would be
+            # mapped and unmapped by the allocator every time.
+            size = conn.sock.recv_into(self.receive_buffer)
         except BlockingIOError:
             return []
         except OSError as error:
             self._lost(conn, error.strerror or "receive failed")
             return []
-        if not data:
+        if not size:
             self._lost(conn, "the server closed the connection")
             return []
         now = time.perf_counter_ns()
-        if conn.carry:
-            data = conn.carry + data
+        received = self.receive_view[:size]
+        data = conn.carry + received if conn.carry else bytes(received)
         room = conn.room
         length = room.frame_length
         count = len(data) // length
