@@ -253,10 +253,12 @@ class MiniServer:
                     session, ref, event.client_name, server_ip=local_ip, server_port=self.port
                 )
                 if faults.joined_after_announcement:
-                    await self._publish(outcome.events)
-                assert outcome.reply is not None
-                conn.push(outcome.reply)
-                if not faults.joined_after_announcement:
+                    # The JOINED reply travels with the join event: take it off, send it late.
+                    (joining,) = outcome.events
+                    assert joining.welcome is not None
+                    await self._publish([attrs.evolve(joining, welcome=None)])
+                    conn.push(joining.welcome)
+                else:
                     await self._publish(outcome.events)
             elif isinstance(event, Leave):
                 if faults.silent_stray_leave and event.room_ref not in session.rooms:

@@ -18,7 +18,6 @@ import attrs
 import pytest
 import trio
 import trio.testing
-
 from tests.chatclient import RECEIVE_TIMEOUT, Client
 from trio_chat.cli import _TUNABLES, build_parser, config_from_args
 from trio_chat.config import KIB, MIB, Config
@@ -605,3 +604,45 @@ def test_nonsense_limits_are_refused(name: str, value: int) -> None:
     settings: dict[str, Any] = {name: value}
     with pytest.raises(ValueError, match=name):
         Config(**settings)
+
+
+# -- rooms are never deleted ------------------------------------------------------------------
+
+
+async def test_one_client_creating_rooms_cannot_grow_memory_without_bound() -> None:
+    """Joining and leaving ever-new rooms stops at max_rooms (error 5), so a client cannot
+    grow the server's memory for ever although rooms are never deleted."""
+    config = Config(max_rooms=1_000)
+    async with memory_server(config) as server:
+        client = server.connect()
+        name = "r" * (config.max_name - 8)  # as long as names may be
+        tracemalloc.start()
+        try:
+            baseline, _ = tracemalloc.get_traced_memory()
+            for ref in range(config.max_rooms):
+                await client.send(join(f"{ref:08}{name}", "n"))
+                await client.send(f"LEAVE_CHATROOM: {ref}\nJOIN_ID: 0\nCLIENT_NAME: n\n")
+                await client.receive_until(b"MESSAGE: n has left this chatroom.\n\n")
+            for ref in range(config.max_rooms, 3 * config.max_rooms):
+                await client.send(join(f"{ref:08}{name}", "n"))
+                await client.expect_error(5)
+            await client.barrier()
+            growth = tracemalloc.get_traced_memory()[0] - baseline
+        finally:
+            tracemalloc.stop()
+        # About 1 KiB a room at most; the 2,000 refused JOINs add nothing.
+        assert growth < config.max_rooms * KIB
+
+
+async def test_names_longer_than_max_name_are_refused() -> None:
+    """A room or client name over max_name bytes gets error 1 and creates nothing."""
+    config = Config(max_name=16)
+    async with memory_server(config) as server:
+        client = server.connect()
+        await client.send(join("r" * 17, "n"))
+        await client.expect_error(1)
+        await client.send(join("r", "é" * 9))  # 9 characters, 18 bytes
+        await client.expect_error(1)
+        await client.send(join("r" * 16, "n" * 16))
+        await client.receive_until(b"has joined this chatroom.\n\n")
+        await client.barrier()

@@ -679,3 +679,57 @@ def test_encode_helo() -> None:
     assert encode_helo(" two  words ", "10.1.2.3", 7000, "id-1") == (
         b"HELO  two  words \nIP:10.1.2.3\nPort:7000\nStudentID:id-1\n"
     )
+
+
+# -- the message limit as relayed ------------------------------------------------------------
+
+
+def test_message_limit_counts_the_newline_after_an_empty_first_line() -> None:
+    """A message whose first line is empty is refused once its text is over the limit."""
+    data = b"CHAT: 0\nJOIN_ID: 0\nCLIENT_NAME: n\nMESSAGE:\n1234\n\n"  # text "\n1234": 5 bytes
+    with pytest.raises(ProtocolError) as info:
+        parse([data], max_message=4)
+    assert info.value.code is ErrorCode.TOO_LARGE
+
+
+def test_message_limit_counts_continuation_lines_as_relayed() -> None:
+    """Invalid UTF-8 in a later message line counts as the replacement text that is relayed."""
+    data = b"CHAT: 0\nJOIN_ID: 0\nCLIENT_NAME: n\nMESSAGE: a\n\xff\xff\n\n"  # "a\n\ufffd\ufffd": 8
+    with pytest.raises(ProtocolError) as info:
+        parse([data], max_message=4)
+    assert info.value.code is ErrorCode.TOO_LARGE
+
+
+message_line_bytes = st.binary(max_size=12).filter(lambda line: b"\n" not in line)
+
+
+@settings(deadline=None)
+@given(message_line_bytes, st.lists(message_line_bytes.filter(bool), max_size=4))
+def test_accepted_message_never_exceeds_the_limit(first: bytes, more: list[bytes]) -> None:
+    """Whatever its bytes, a CHAT message that is accepted is at most max_message as relayed."""
+    limit = 8
+    data = b"CHAT: 0\nJOIN_ID: 0\nCLIENT_NAME: n\nMESSAGE: " + b"\n".join([first, *more])
+    try:
+        events = parse([data + b"\n\n"], max_message=limit)
+    except ProtocolError as error:
+        events = [("error", error.code)]
+    for event in events:
+        if isinstance(event, Chat):
+            assert len(event.message.encode()) <= limit, event.message
+
+
+# -- name limits ------------------------------------------------------------------------------
+
+
+def test_names_up_to_max_name_bytes_are_accepted_and_longer_ones_refused() -> None:
+    """Room and client names of max_name bytes parse; one byte more is error 1."""
+    parser = RequestParser(65536, max_name=4)
+    ok = b"JOIN_CHATROOM: abcd\nCLIENT_IP: 0\nPORT: 0\nCLIENT_NAME: \xc3\xa9\xc3\xa9\n"
+    events = [event for line in ok.split(b"\n") for event in parser.feed_line(line)]
+    assert events == [Join("abcd", "éé")]
+    for room, name in ((b"abcde", b"n"), (b"r", b"\xc3\xa9\xc3\xa9x")):
+        request = b"JOIN_CHATROOM: %s\nCLIENT_IP: 0\nPORT: 0\nCLIENT_NAME: %s\n" % (room, name)
+        (error,) = [event for line in request.split(b"\n") for event in parser.feed_line(line)]
+        assert isinstance(error, ProtocolError)
+        assert error.code == ErrorCode.MALFORMED
+        assert "longer than 4 bytes" in error.description

@@ -97,13 +97,15 @@ def registry() -> Registry:
 
 
 def test_join_sends_nothing_itself(registry: Registry) -> None:
-    """`join` only returns the JOINED reply and the announcement event; nothing is pushed."""
+    """`join` only returns the announcement event, carrying the joiner's JOINED reply as its
+    welcome; nothing is pushed until the event is applied."""
     alice = Member()
     room_ref = registry.allocate_room("r")
     outcome = registry.join(alice.session, room_ref, "alice", server_ip=IP, server_port=PORT)
     assert alice.take() == []
-    assert outcome.reply == encode_joined("r", IP, PORT, 0, 0)
+    assert outcome.reply is None
     assert [event.data for event in outcome.events] == [encode_joined_announcement(0, "alice")]
+    assert [event.welcome for event in outcome.events] == [encode_joined("r", IP, PORT, 0, 0)]
 
 
 def test_joiner_gets_joined_then_its_own_announcement(registry: Registry) -> None:

@@ -87,6 +87,8 @@ _TUNABLES = {
     "max_outbound": "unsent bytes queued for one client before it is cut off",
     "max_connections": "connections served at once; more wait in the backlog",
     "max_rooms_per_connection": "rooms one connection may be in",
+    "max_rooms": "rooms in the whole service (rooms are never deleted)",
+    "max_name": "longest room or client name, bytes",
     "receive_size": "most bytes read from a socket at once",
     "disconnect_grace": "seconds to flush and drain when a connection closes",
     "idle_timeout": "close connections silent this many seconds; off unless set",

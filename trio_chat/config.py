@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from attrs import field, frozen
 
+from trio_chat.protocol import DEFAULT_MAX_NAME
+
 KIB = 1024
 MIB = 1024 * KIB
 
@@ -53,6 +55,13 @@ class Config:
     """Connections served at once; further clients wait in the listen backlog until one ends."""
     max_rooms_per_connection: int = field(default=1_000, validator=_positive)
     """Rooms one connection may be in at once; one more JOIN gets error 5."""
+    max_rooms: int = field(default=100_000, validator=_positive)
+    """Rooms in the whole service. Rooms are never deleted (a ROOM_REF is never reused), so
+    without this a client joining ever-new names would grow memory for ever; a JOIN that
+    would create one more gets error 5. With `max_name`, rooms take at most about 60 MiB."""
+    max_name: int = field(default=DEFAULT_MAX_NAME, validator=_positive)
+    """Longest room or client name in bytes (error 1): names live as long as their room or
+    membership, so they are held far below the line limit."""
 
     # -- timeouts (seconds) --------------------------------------------------------------------
     disconnect_grace: float = field(default=2.0, validator=_positive)

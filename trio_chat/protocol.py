@@ -159,6 +159,10 @@ _PLAIN_CHAT = re.compile(
     rb"MESSAGE: ([^\r\n]*)\n\n"
 )
 
+# Longest room or client name, in bytes, unless the parser is given another limit. Names are
+# kept for as long as a room or a membership lasts, so they are bounded well below a line.
+DEFAULT_MAX_NAME = 256
+
 # Identifiers are small non-negative integers; refusing more than 18 digits keeps `int` cheap
 # and every value inside a signed 64-bit range (Redis counters included).
 _INTEGER = re.compile(r"[0-9]{1,18}")
@@ -187,10 +191,11 @@ class RequestParser:
     good one after it.
     """
 
-    __slots__ = ("_max_message", "_partial")
+    __slots__ = ("_max_message", "_max_name", "_partial")
 
-    def __init__(self, max_message: int) -> None:
+    def __init__(self, max_message: int, max_name: int = DEFAULT_MAX_NAME) -> None:
         self._max_message = max_message
+        self._max_name = max_name
         self._partial: _Partial | None = None
 
     @property
@@ -248,7 +253,7 @@ class RequestParser:
             partial.body = [partial.fields["MESSAGE"]]
             return ()
         self._partial = None
-        return (_build(partial.kind, partial.fields),)
+        return (_build(partial.kind, partial.fields, self._max_name),)
 
     def _first_line(self, line: str) -> tuple[Event, ...]:
         stripped = line.strip()
@@ -275,7 +280,7 @@ class RequestParser:
             return ()
         self._partial = None
         partial.fields["MESSAGE"] = "\n".join(partial.body)
-        return (_build(partial.kind, partial.fields),)
+        return (_build(partial.kind, partial.fields, self._max_name),)
 
     def _count_message(self, partial: _Partial, size: int) -> None:
         # Counts the text as relayed (UTF-8, invalid bytes replaced), newlines included.
@@ -294,31 +299,35 @@ def _integer(fields: dict[str, str], key: str) -> int:
     return int(value)
 
 
-def _name(fields: dict[str, str], key: str) -> str:
+def _name(fields: dict[str, str], key: str, max_name: int) -> str:
     value = fields[key]
     if not value:
         raise ProtocolError(ErrorCode.MALFORMED, f"{key} must not be empty")
+    if len(value) > max_name or (not value.isascii() and len(value.encode()) > max_name):
+        raise ProtocolError(ErrorCode.MALFORMED, f"{key} longer than {max_name} bytes")
     return value
 
 
-def _build(kind: str, fields: dict[str, str]) -> Event:
+def _build(kind: str, fields: dict[str, str], max_name: int) -> Event:
     try:
         if kind == "CHAT":
             return Chat(
                 _integer(fields, "CHAT"),
                 _integer(fields, "JOIN_ID"),
-                _name(fields, "CLIENT_NAME"),
+                _name(fields, "CLIENT_NAME", max_name),
                 fields["MESSAGE"],
             )
         if kind == "JOIN_CHATROOM":
-            return Join(_name(fields, "JOIN_CHATROOM"), _name(fields, "CLIENT_NAME"))
+            return Join(
+                _name(fields, "JOIN_CHATROOM", max_name), _name(fields, "CLIENT_NAME", max_name)
+            )
         if kind == "LEAVE_CHATROOM":
             return Leave(
                 _integer(fields, "LEAVE_CHATROOM"),
                 _integer(fields, "JOIN_ID"),
-                _name(fields, "CLIENT_NAME"),
+                _name(fields, "CLIENT_NAME", max_name),
             )
-        return Disconnect(_name(fields, "CLIENT_NAME"))
+        return Disconnect(_name(fields, "CLIENT_NAME", max_name))
     except ProtocolError as error:
         return error
 

@@ -18,6 +18,7 @@ memberships; when a node's heartbeat expires, another node announces its members
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import secrets
@@ -211,6 +212,8 @@ class RedisBroker:
     _published: dict[int, int] = attrs.field(factory=dict)
     _applied: dict[int, int] = attrs.field(factory=dict)
     _deferred: dict[int, list[tuple[int, Callable[[], None]]]] = attrs.field(factory=dict)
+    # JOINED replies of own joins on their way through the bus, in publishing order.
+    _welcomes: dict[int, collections.deque[bytes | None]] = attrs.field(factory=dict)
     _released: set[int] = attrs.field(factory=set)  # sessions whose connection has ended
     _floor_room_ref: int = 0  # one past the highest ROOM_REF seen
     _floor_join_id: int = 0  # one past the highest JOIN_ID seen
@@ -495,6 +498,7 @@ class RedisBroker:
                 frame = _Frame(_CHAT, node, session_id, ref, -1, "", event.data)
                 backlog.append(_Outgoing(frame.encode()))
             elif event.joining is not None:
+                self._welcomes.setdefault(session_id, collections.deque()).append(event.welcome)
                 join_id = -1 if session.join_id is None else session.join_id
                 room_name = self.registry.room_name(ref)
                 frame = _Frame(_JOIN, node, session_id, ref, join_id, room_name, event.data)
@@ -555,7 +559,7 @@ class RedisBroker:
         published = self._published.get(session_id, 0)
         if session_id in self._released and self._applied.get(session_id, 0) >= published:
             del self._session_ids[self._sessions.pop(session_id)]
-            for table in (self._published, self._applied, self._deferred):
+            for table in (self._published, self._applied, self._deferred, self._welcomes):
                 table.pop(session_id, None)
             self._released.discard(session_id)
 
@@ -616,7 +620,8 @@ class RedisBroker:
             if session is None or kind == _CHAT:
                 event = RoomEvent(ref, data)
             elif kind == _JOIN:
-                event = RoomEvent(ref, data, joining=session)
+                welcome = self._welcomes[frame.session].popleft()
+                event = RoomEvent(ref, data, joining=session, welcome=welcome)
             else:
                 event = RoomEvent(ref, data, leaving=session)
             registry.apply(event)

@@ -66,6 +66,10 @@ class RoomEvent:
     leaving: Session | None = None
     sender: Session | None = None
     """Whose request caused the event, when no one joins or leaves (a CHAT)."""
+    welcome: bytes | None = None
+    """For the joiner alone, just before the announcement: the JOINED reply. Delivered with
+    the event rather than as a reply, so that wherever events are ordered (a shared bus),
+    the joiner's membership begins exactly when it is told it has joined."""
 
 
 @frozen
@@ -81,6 +85,7 @@ class Registry:
     """Every room of the service, by name and by ROOM_REF, and the identifier counters."""
 
     max_rooms_per_session: int = 1_000
+    max_rooms: int = 100_000
     _by_name: dict[str, Room] = field(factory=dict, init=False)
     _by_ref: dict[int, Room] = field(factory=dict, init=False)
     _next_join_id: int = field(default=0, init=False)
@@ -128,11 +133,16 @@ class Registry:
     # -- requests (step 1) -----------------------------------------------------------------
 
     def check_room_limit(self, session: Session, room_name: str) -> None:
-        """Raise error 5 if joining `room_name` would take `session` past its room limit.
+        """Raise error 5 if joining `room_name` would take `session` past its room limit,
+        or create a room beyond the service's.
 
         Brokers call it before allocating anything, so a refused JOIN creates no room.
         """
         room_ref = self.room_ref_for(room_name)
+        if room_ref is None and len(self._by_ref) >= self.max_rooms:
+            raise ProtocolError(
+                ErrorCode.LIMIT_REACHED, f"the service has its maximum of {self.max_rooms} rooms"
+            )
         if room_ref in session.rooms or len(session.rooms) < self.max_rooms_per_session:
             return
         raise ProtocolError(
@@ -155,10 +165,13 @@ class Registry:
         if session.join_id is None:
             session.join_id = self.allocate_join_id()
         session.rooms[room_ref] = client_name
-        reply = protocol.encode_joined(room.name, server_ip, server_port, room_ref, session.join_id)
+        welcome = protocol.encode_joined(
+            room.name, server_ip, server_port, room_ref, session.join_id
+        )
         announcement = protocol.encode_joined_announcement(room_ref, client_name)
-        event = RoomEvent(room_ref, announcement, joining=session)
-        return Outcome(reply, (event,))
+        return Outcome(
+            events=(RoomEvent(room_ref, announcement, joining=session, welcome=welcome),)
+        )
 
     def leave(self, session: Session, room_ref: int, join_id: int) -> Outcome:
         """LEAVE_CHATROOM: the same LEFT reply whether or not the connection is in the room."""
@@ -201,7 +214,10 @@ class Registry:
         room = self._by_ref[event.room_ref]
         members = room.members
         if event.joining is not None:
-            members[event.joining.recipient] = None
+            recipient = event.joining.recipient
+            members[recipient] = None
+            if event.welcome is not None:
+                recipient.push(event.welcome)
         data = event.data
         for recipient in members:
             recipient.push(data)

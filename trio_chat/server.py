@@ -51,6 +51,10 @@ _ACCEPT_CAPACITY_ERRNOS = frozenset(
     if (code := getattr(errno, name, None)) is not None
 )
 
+# Unknown lines logged at INFO per connection; the rest go to DEBUG, so a client sending
+# garbage cannot flood the log.
+UNKNOWN_LINES_LOGGED = 10
+
 # Why a connection ended.
 Ending = Literal["eof", "disconnect", "too_large", "broken", "too slow"]
 
@@ -70,6 +74,7 @@ class ChatServer:
 
     def __attrs_post_init__(self) -> None:
         self.broker.registry.max_rooms_per_session = self.config.max_rooms_per_connection
+        self.broker.registry.max_rooms = self.config.max_rooms
         self.broker.on_kill = functools.partial(self.shutdown, everywhere=False)
 
     def shutdown(self, reason: str, *, everywhere: bool = True) -> None:
@@ -113,6 +118,7 @@ class ChatServer:
     async def _accept_loop(
         self, listener: trio.SocketListener, slots: trio.Semaphore, nursery: trio.Nursery
     ) -> None:
+        failures = 0  # accepts failed in a row for want of descriptors or memory
         async with listener:
             while True:
                 # Taking a slot before accepting leaves clients beyond the limit waiting in
@@ -124,12 +130,17 @@ class ChatServer:
                     slots.release()
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
-                    log.error("accept failed (%s); retrying shortly", exc.strerror)
+                    if not failures:  # once per episode, not every retry
+                        log.error("accept failed (%s); new clients wait", exc.strerror)
+                    failures += 1
                     await trio.sleep(self.config.accept_retry_delay)
                     continue
                 except BaseException:
                     slots.release()
                     raise
+                if failures:
+                    log.info("accepting again after %d failed attempts", failures)
+                    failures = 0
                 nursery.start_soon(self._serve_socket, stream, slots.release)
 
     async def _serve_socket(self, stream: trio.SocketStream, release: Callable[[], None]) -> None:
@@ -207,6 +218,7 @@ class Connection:
         self._write_done = trio.Event()
         self.ending: Ending | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._unknown_lines = 0
 
     async def run(self) -> None:
         """Serve the client until it leaves, breaks, or is cut off; then close the stream."""
@@ -278,7 +290,7 @@ class Connection:
         """
         config = self.config
         buffer = LineBuffer(config.max_line)
-        parser = RequestParser(config.max_message)
+        parser = RequestParser(config.max_message, config.max_name)
         receive = self.stream.receive_some
         feed_line = parser.feed_line
         plain_chat = parser.plain_chat
@@ -352,7 +364,11 @@ class Connection:
                 self._reply(protocol.encode_helo(event.text, self.ip, self.port, config.student_id))
                 return False
             elif type(event) is Unknown:
-                log.info("%s: ignoring unknown line %.80r", self.peer, event.line)
+                self._unknown_lines += 1
+                level = (
+                    logging.INFO if self._unknown_lines <= UNKNOWN_LINES_LOGGED else logging.DEBUG
+                )
+                log.log(level, "%s: ignoring unknown line %.80r", self.peer, event.line)
                 return False
             elif type(event) is Disconnect:
                 log.info("%s disconnecting as %s", self.peer, event.client_name)
