@@ -93,7 +93,9 @@ class Outbox:
         "overflowed",
     )
 
-    def __init__(self, limit: int, on_overflow: Callable[[Outbox], None] | None = None) -> None:
+    def __init__(
+        self, limit: int, on_overflow: Callable[[Outbox, int], None] | None = None
+    ) -> None:
         self.limit = limit
         self.on_overflow = on_overflow
         self.overflowed = False
@@ -125,7 +127,7 @@ class Outbox:
             self.overflowed = True
             self.abandon()
             if self.on_overflow is not None:
-                self.on_overflow(self)
+                self.on_overflow(self, len(data))
             return
         self._size = size
         self._pending.append(data)

@@ -269,10 +269,13 @@ class Connection:
         # connection's earlier requests, so the client sees everything in request order.
         self.broker.reply(self.session, data)
 
-    def _overflowed(self, outbox: Outbox) -> None:
+    def _overflowed(self, outbox: Outbox, rejected: int) -> None:
         log.warning(
-            "%s disconnected: outbound queue full (more than %d bytes unsent)",
+            "%s is too slow: %d bytes unsent and %d more would pass the limit of %d; "
+            "disconnecting it",
             self.peer,
+            outbox.unsent,
+            rejected,
             outbox.limit,
         )
         self._cancel_scope.cancel()
