@@ -298,6 +298,10 @@ class Connection:
         feed_line = parser.feed_line
         plain_chat = parser.plain_chat
         max_line = config.max_line
+        # Lines handled before other connections get a turn: one receive can hold tens of
+        # thousands of tiny requests, and handling them all at once would hold every other
+        # client up for as long. A plain CHAT counts as its four lines.
+        lines_per_turn = 512
         while True:
             if config.idle_timeout is None or self.ending is not None:
                 data = await receive(config.receive_size)
@@ -315,17 +319,27 @@ class Connection:
                 # can be taken again as soon as the parser is between requests.
                 start = 0
                 end = len(data)
+                turn = 0
                 while start < end:
+                    if turn >= lines_per_turn:
+                        turn = 0
+                        await trio.lowlevel.checkpoint()
                     if self.ending is None and not len(buffer):
-                        while (found := plain_chat(data, start, max_line)) is not None:
+                        while turn < lines_per_turn and (
+                            found := plain_chat(data, start, max_line)
+                        ):
                             chat, start = found
                             self._handle(chat)
+                            turn += 4
                         if start == end:
                             break
+                        if turn >= lines_per_turn:
+                            continue
                     newline = data.find(b"\n", start)
                     stop = end if newline < 0 else newline + 1
                     piece = data[start:stop] if start or stop < end else data
                     start = stop
+                    turn += 1
                     for line in buffer.feed(piece):
                         if self.ending is not None:
                             if line.strip() == b"KILL_SERVICE":
