@@ -7,6 +7,7 @@ issue's own (2000 messages of 1 KiB, 100 MiB without a newline): they run in a f
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import socket
@@ -19,6 +20,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+
 from tests.chatclient import RECEIVE_TIMEOUT, Client
 from trio_chat.cli import _TUNABLES, build_parser, config_from_args
 from trio_chat.config import KIB, MIB, Config
@@ -651,3 +653,48 @@ async def test_names_longer_than_max_name_are_refused() -> None:
         await client.send(join("r" * 16, "n" * 16))
         await client.receive_until(b"has joined this chatroom.\n\n")
         await client.barrier()
+
+
+# -- fairness ---------------------------------------------------------------------------------
+
+
+FAIRNESS = Config(receive_size=8 * KIB)  # a receive of 4096 tiny lines
+
+
+async def lines_handled_before_another_clients_helo(caplog: pytest.LogCaptureFixture) -> int:
+    """How many of one client's tiny lines are handled before another client's HELO.
+
+    Both arrive before the server runs again: one full receive of tiny unknown lines (the
+    most work per byte a client can ask for) and a HELO on another connection.
+    """
+    caplog.clear()
+    server = ChatServer(FAIRNESS)
+    async with trio.open_nursery() as nursery:
+        streams = {}
+        for peer in ("flood", "good"):
+            _, server_stream = trio.testing.memory_stream_pair()
+            streams[peer] = server_stream
+            handle = functools.partial(
+                server.handle_stream, server_stream, local=("10.0.0.1", 7000), peer=peer
+            )
+            nursery.start_soon(handle)
+        await trio.testing.wait_all_tasks_blocked()
+        streams["flood"].receive_stream.put_data(b"x\n" * (FAIRNESS.receive_size // 2))
+        streams["good"].receive_stream.put_data(b"HELO turn\n")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    messages = [r.getMessage() for r in caplog.records]
+    helo = next(i for i, m in enumerate(messages) if m.startswith("good: Helo"))
+    return sum("flood: ignoring unknown line" in m for m in messages[:helo])
+
+
+async def test_a_flood_of_tiny_lines_does_not_hold_up_other_clients(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One client's receive of 4096 tiny lines is not all handled before another's HELO."""
+    caplog.set_level(logging.DEBUG, logger="trio_chat")
+    # trio runs ready tasks in a random order: over ten rounds the flood goes first in some.
+    handled = [await lines_handled_before_another_clients_helo(caplog) for _ in range(10)]
+    # Handled without a pause, a receive of the default 64 KiB holds 32,768 such lines and
+    # every other client waits about half a second (unknown lines are logged at INFO).
+    assert max(handled) <= FAIRNESS.receive_size // 2 // 4
