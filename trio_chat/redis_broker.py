@@ -338,7 +338,6 @@ class RedisBroker:
                     log.warning("Redis lost its data; restoring the identifiers this node knows")
                 epoch = await self._restore()
             self._epoch = epoch
-            await client.sadd(self._key("nodes"), [self.node_id])
             await self._heartbeat()
             await self._record_memberships()
         self._set_available(True)
@@ -374,8 +373,11 @@ class RedisBroker:
             await self.client.hset(key, memberships)
 
     async def _heartbeat(self) -> None:
+        # The heartbeat key first: a node listed without one may be reaped as dead. Listing
+        # it on every beat puts it back if it was reaped while cut off from Redis.
         ttl_ms = int(self.settings.heartbeat_ttl * 1000)
         await self.client.set(self._key("node", self.node_id), b"1", px=ttl_ms)
+        await self.client.sadd(self._key("nodes"), [self.node_id])
 
     async def _keep_alive(self) -> None:
         """Renew the heartbeat and announce the departures of nodes whose heartbeat expired."""
