@@ -442,6 +442,7 @@ class _Run:
 
     def setup(self) -> None:
         load = self.load
+        _raise_open_files_limit(load.rooms * load.members + 64)
         self.rooms = [_Room(r) for r in range(load.rooms)]
         width = len(str(load.rooms * load.members - 1))
         address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
@@ -465,7 +466,6 @@ class _Run:
         pending = iter(self.conns)
         opening = 0
         joined = 0
-        waiting: list[_Conn] = list(self.conns)
         while joined < len(self.conns):
             while opening < CONNECT_BATCH:
                 new = next(pending, None)
@@ -489,7 +489,7 @@ class _Run:
                 self.show(f"setup: {joined}/{len(self.conns)} members joined")
         # Every join announcement was queued by the server before the last JOINED reply went
         # out, so a HELO round trip on each connection drains them all.
-        for conn in waiting:
+        for conn in self.conns:
             conn.state = _BARRIER
             self._send(conn, b"HELO bench\n")
         ready = 0
@@ -951,6 +951,17 @@ class _Run:
             self.result.send_lag_us = _percentiles(self.send_lag)
 
 
+def _raise_open_files_limit(needed: int) -> None:
+    """Allow `needed` open descriptors if the hard limit allows it (the default is often 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raise BenchError(f"{needed} connections need more open files than the limit ({soft})")
+
+
 def _percentiles(samples: Iterable[int]) -> dict[str, float]:
     ordered = sorted(samples)
     if not ordered:
@@ -1020,8 +1031,8 @@ def run_load(
 def format_table(results: list[Result]) -> str:
     """The results as a table for people."""
     lines = [
-        f"{'scenario':<8} {'rooms x members':>15} {'senders':>7} {'msgs':>6} {'deliveries/s':>13} "
-        f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}  result"
+        f"{'scenario':<8} {'rooms x members':>15} {'senders':>7} {'msgs':>6} {'msgs/s':>6} "
+        f"{'deliveries/s':>13} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}  result"
     ]
     for r in results:
         load = r.load
@@ -1036,11 +1047,11 @@ def format_table(results: list[Result]) -> str:
             else f"FAIL lost {r.lost} dup {r.duplicates} reordered {r.out_of_order} "
             f"errors {r.errors}: {r.first_error}"
         )
-        rate = f" @{load.rate:g}/s" if load.rate else ""
+        rate = f"{load.rate:g}" if load.rate else "max"
         lines.append(
             f"{r.scenario:<8} {f'{load.rooms} x {load.members}':>15} {load.senders:>7} "
-            f"{load.messages:>6} {r.deliveries_per_s:>13,.0f} {ms('p50')} {ms('p90')} "
-            f"{ms('p99')} {ms('max')}  {verdict}{rate}"
+            f"{load.messages:>6} {rate:>6} {r.deliveries_per_s:>13,.0f} {ms('p50')} "
+            f"{ms('p90')} {ms('p99')} {ms('max')}  {verdict}"
         )
     return "\n".join(lines)
 
