@@ -104,7 +104,9 @@ SEND_BUFFER_LIMIT = 1024 * 1024
 PACED_MAX_EVENTS = 32
 """Socket events handled between two looks at the send schedule in a paced run."""
 PROGRESS_INTERVAL = 0.25
-"""Seconds between progress updates."""
+"""Seconds between progress updates on a terminal (rewritten in place)."""
+PROGRESS_LINE_INTERVAL = 1.0
+"""Seconds between progress lines when stderr is not a terminal (a log, a CI job)."""
 
 # Digits of sequence numbers: printable ASCII without '~' (the marker), split among the
 # senders of a room so each has an alphabet of its own.
@@ -382,10 +384,14 @@ Progress = Callable[[str], None]
 def progress_printer(stream: TextIO, *, tty: bool) -> Progress:
     """A progress callback: one line rewritten in place on a terminal, else a line per call."""
 
+    last = -math.inf
+
     def show(text: str) -> None:
+        nonlocal last
         if tty:
             stream.write("\r\x1b[K" + text)
-        else:
+        elif time.monotonic() - last >= PROGRESS_LINE_INTERVAL:
+            last = time.monotonic()
             stream.write(text + "\n")
         stream.flush()
 
@@ -1073,14 +1079,20 @@ def add_parser(commands: Commands) -> None:
         help=f"named loads ({', '.join(SCENARIOS)}); default: all of them, or one custom "
         "load if any load option is given",
     )
-    shape = parser.add_argument_group("load (each overrides the scenario's value)")
-    shape.add_argument("--rooms", type=int, help="rooms")
-    shape.add_argument("--members", type=int, help="member connections per room, senders included")
-    shape.add_argument("--senders", type=int, help="senders per room (the last members)")
-    shape.add_argument("--messages", type=int, help="messages per sender")
-    shape.add_argument("--size", type=int, help="bytes of message text")
-    shape.add_argument("--rate", type=float, help="messages/s per sender; 0: as fast as possible")
-    shape.add_argument("--window", type=int, help="unacknowledged messages per sender; 0: no limit")
+    shape = parser.add_argument_group(
+        "load (each overrides the scenario's value; defaults for a custom load in brackets)"
+    )
+    custom = Load()
+    for name, kind, text in (
+        ("rooms", int, "rooms"),
+        ("members", int, "member connections per room, senders included"),
+        ("senders", int, "senders per room (the last members)"),
+        ("messages", int, "messages per sender"),
+        ("size", int, "bytes of message text"),
+        ("rate", float, "messages/s per sender; 0: as fast as the window allows"),
+        ("window", int, "unacknowledged messages per sender; 0: no limit"),
+    ):
+        shape.add_argument(f"--{name}", type=kind, help=f"{text} [{getattr(custom, name):g}]")
     parser.add_argument("--json", action="store_true", help="one JSON object per line per run")
     parser.add_argument(
         "--progress",
