@@ -733,3 +733,47 @@ def test_names_up_to_max_name_bytes_are_accepted_and_longer_ones_refused() -> No
         assert isinstance(error, ProtocolError)
         assert error.code == ErrorCode.MALFORMED
         assert "longer than 4 bytes" in error.description
+
+
+# -- the plain CHAT shortcut ------------------------------------------------------------------
+
+
+def line_by_line(data: bytes, max_message: int, max_name: int) -> list[object]:
+    """The events a fresh parser gives for `data` fed one line at a time."""
+    parser = RequestParser(max_message, max_name)
+    return [event for line in data.split(b"\n") for event in parser.feed_line(line)]
+
+
+@given(
+    ref=st.from_regex(rb"\A[0-9]{1,20}\Z"),
+    join_id=st.from_regex(rb"\A[0-9]{1,20}\Z"),
+    name=st.binary(max_size=12) | st.from_regex(rb"\A[!-~][ -~]{0,10}[!-~]\Z"),
+    message=st.binary(max_size=24),
+    after=st.binary(max_size=12),
+    max_message=st.integers(1, 30),
+    max_name=st.integers(1, 12),
+)
+def test_plain_chat_gives_what_line_by_line_parsing_gives(
+    ref: bytes,
+    join_id: bytes,
+    name: bytes,
+    message: bytes,
+    after: bytes,
+    max_message: int,
+    max_name: int,
+) -> None:
+    """Whenever the one-step CHAT shortcut takes a request, the result is exactly the Chat
+    that feeding its lines to the parser gives; whatever it declines, the lines still parse."""
+    request = b"CHAT: %s\nJOIN_ID: %s\nCLIENT_NAME: %s\nMESSAGE: %s\n\n" % (
+        ref,
+        join_id,
+        name,
+        message,
+    )
+    parser = RequestParser(max_message, max_name)
+    found = parser.plain_chat(request + after, 0, 65536)
+    if found is None:
+        return
+    chat, end = found
+    assert end == len(request)
+    assert line_by_line(request, max_message, max_name) == [chat]

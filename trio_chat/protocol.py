@@ -219,6 +219,8 @@ class RequestParser:
         if match is None or match.end() - start > max_line:
             return None
         ref, join_id, name, raw = match.groups()
+        if len(name) > self._max_name:
+            return None  # the line-by-line path refuses it with error 1
         message = raw.decode("utf-8", "replace")
         if (len(raw) if raw.isascii() else len(message.encode())) > self._max_message:
             return None
