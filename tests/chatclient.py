@@ -98,7 +98,7 @@ class Client:
                     break
                 except trio.BrokenResourceError:
                     break
-        assert bytes(self.buffer) == b""
+        assert bytes(self.buffer) == b"", bytes(self.buffer)
 
     async def expect_error(self, code: int) -> str:
         """Assert the next reply is an ERROR_CODE `code` with a one-line description; return it."""

@@ -236,6 +236,16 @@ async def test_kill_service_from_a_room_member(server_port: int) -> None:
         await expect_refused(server_port, IP)
 
 
+async def test_replies_pipelined_before_kill_service_are_delivered(server_port: int) -> None:
+    """A HELO sent in the same segment as KILL_SERVICE still gets its reply before EOF."""
+    async with await Client.connect(server_port) as client:
+        await client.send("HELO last words\nKILL_SERVICE\n")
+        await client.expect(f"HELO last words\nIP:{IP}\nPort:{server_port}\nStudentID:")
+        await client.receive_until(b"\n")
+        await client.expect_eof()
+    await expect_refused(server_port, IP)
+
+
 async def test_half_closed_client_gets_every_reply(server_port: int) -> None:
     """A client that pipelines requests and half-closes gets every reply, then EOF."""
     count = 2000  # enough replies that they cannot all go out in one write

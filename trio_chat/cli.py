@@ -13,7 +13,7 @@ import trio
 
 from trio_chat import bench, check, terminal
 from trio_chat.config import Config
-from trio_chat.server import serve
+from trio_chat.server import ChatServer
 
 if TYPE_CHECKING:
     from trio_chat.redis_broker import RedisSettings
@@ -134,22 +134,26 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 async def run_server(config: Config, redis: RedisSettings | None = None) -> None:
     """Serve until KILL_SERVICE, SIGINT or SIGTERM; each ends the process cleanly."""
+    if redis is None:
+        await _serve_until_signalled(ChatServer(config))
+    else:
+        from trio_chat.redis_broker import RedisBroker  # needs the "redis" extra
+
+        async with RedisBroker.connect(redis) as broker:
+            await _serve_until_signalled(ChatServer(config, broker))
+
+
+async def _serve_until_signalled(server: ChatServer) -> None:
+    # A signal stops this process the way KILL_SERVICE does, but not the other nodes.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
-                    log.info("shutting down: %s", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
+                    server.shutdown(signal.Signals(signum).name, everywhere=False)
 
             nursery.start_soon(stop_on_signal)
-            if redis is None:
-                await serve(config)
-            else:
-                from trio_chat.redis_broker import RedisBroker  # needs the "redis" extra
-
-                async with RedisBroker.connect(redis) as broker:
-                    await serve(config, broker=broker)
+            await server.serve()
             nursery.cancel_scope.cancel()
 
 

@@ -19,6 +19,7 @@ again in trio's scheduler, so both must be paid per batch of messages, not per m
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -86,6 +87,7 @@ class Outbox:
         "_flusher",
         "_pending",
         "_size",
+        "_torn",
         "_waiter",
         "_writing",
         "limit",
@@ -112,6 +114,7 @@ class Outbox:
         self._flusher: _Flusher | None = None
         self._dirty = False
         self._writing = False
+        self._torn = False  # a send was interrupted part-way: the stream is no longer whole
 
     @property
     def unsent(self) -> int:
@@ -151,6 +154,10 @@ class Outbox:
         self._closed = True
         self._end_with_eof = True
         self._wake()
+
+    def seal(self) -> None:
+        """Accept nothing more, keeping what is queued (for `write_nowait` at shutdown)."""
+        self._closed = True
 
     def abandon(self) -> None:
         """Accept nothing more and drop what is queued."""
@@ -201,6 +208,15 @@ class Outbox:
             pending.append(chunk[sent:])
             self._wake()
 
+    def write_nowait(self, stream: trio.abc.Stream) -> None:
+        """One last non-blocking write of what is pending, when the writer can no longer run
+        (shutdown): replies queued just before KILL_SERVICE still get their chance."""
+        if self._torn or not self._pending or not isinstance(stream, trio.SocketStream):
+            return
+        with contextlib.suppress(OSError):
+            os.write(stream.socket.fileno(), b"".join(self._pending))
+        self._pending.clear()
+
     async def run_writer(self, stream: trio.abc.HalfCloseableStream) -> None:
         """Send everything pushed, as it comes; after `close`, flush and send end-of-stream.
 
@@ -228,6 +244,10 @@ class Outbox:
                 self._writing = True
                 try:
                     await stream.send_all(chunk)
+                except BaseException:
+                    # Part of `chunk` may have gone out: nothing after it can follow.
+                    self._torn = True
+                    raise
                 finally:
                     self._writing = False
                 self._size -= len(chunk)

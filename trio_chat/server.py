@@ -56,7 +56,7 @@ _ACCEPT_CAPACITY_ERRNOS = frozenset(
 UNKNOWN_LINES_LOGGED = 10
 
 # Why a connection ended.
-Ending = Literal["eof", "disconnect", "too_large", "broken", "too slow"]
+Ending = Literal["eof", "idle", "disconnect", "too_large", "broken", "too slow"]
 
 
 def _display_ip(ip: str) -> str:
@@ -87,6 +87,10 @@ class ChatServer:
         log.info("shutting down: %s", reason)
         if everywhere:
             self.broker.kill_service(reason)
+        # What is queued now gets one last write as each connection closes; what the
+        # teardown itself would queue (leave announcements) is not sent.
+        for connection in self.connections:
+            connection.outbox.seal()
         self.shutdown_scope.cancel()
 
     async def handle_stream(
@@ -100,6 +104,18 @@ class ChatServer:
             await connection.run()
         finally:
             self.connections.discard(connection)
+
+    async def serve(
+        self,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen as the config says and serve until `shutdown`; see the function `serve`."""
+        listeners = await open_listeners(self.config)
+        for listener in listeners:
+            address = listener.socket.getsockname()
+            log.info("listening on %s port %d", address[0], address[1])
+        await self.serve_listeners(listeners, task_status=task_status)
 
     async def serve_listeners(
         self,
@@ -169,11 +185,7 @@ async def serve(
     the port with ``listeners[0].socket.getsockname()``.
     """
     server = ChatServer(config, broker if broker is not None else LocalBroker())
-    listeners = await open_listeners(config)
-    for listener in listeners:
-        address = listener.socket.getsockname()
-        log.info("listening on %s port %d", address[0], address[1])
-    await server.serve_listeners(listeners, task_status=task_status)
+    await server.serve(task_status=task_status)
 
 
 async def open_listeners(config: Config) -> list[trio.SocketListener]:
@@ -237,6 +249,8 @@ class Connection:
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             self.ending = "broken"
         finally:
+            if self.server.shutdown_scope.cancel_called:  # no time to flush: one last try
+                self.outbox.write_nowait(self.stream)
             self.outbox.abandon()
             self._leave_all()
             self.broker.release(self.session)
@@ -310,7 +324,7 @@ class Connection:
                     data = await receive(config.receive_size)
                 if idle.cancelled_caught:
                     log.info("%s idle for %g s", self.peer, config.idle_timeout)
-                    return "eof"
+                    return "idle"
             if not data:
                 return self.ending or "eof"
             try:
