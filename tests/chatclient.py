@@ -6,11 +6,21 @@ byte, with nothing of the project's own parsing between the test and the server.
 
 from __future__ import annotations
 
+import socket
+
 import trio
 
 # How long a test waits for bytes that should arrive. Generous, because it only matters when
 # the server is wrong (a correct server answers in microseconds) and CI machines are shared.
 RECEIVE_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    """A TCP port free on every IPv4 address right now (bound to port 0, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 class Client:

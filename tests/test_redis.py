@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.chatclient import Client
-from tests.redisserver import RedisProcess, free_port
+from tests.chatclient import Client, free_port
+from tests.redisserver import RedisProcess
 from trio_chat.config import Config
 from trio_chat.redis_broker import RedisBroker, RedisSettings
 from trio_chat.server import serve

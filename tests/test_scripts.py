@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +14,7 @@ import trio
 from tests.chatclient import (
     Client,
     expect_refused,
+    free_port,
     helo_reply,
     join_request,
     joined_announcement,
@@ -38,14 +38,6 @@ SIGNAL_EXIT_TIMEOUT = 10.0
 CONNECT_RETRY_DELAY = 0.05
 
 _started_once = False
-
-
-def free_port() -> int:
-    """A TCP port free on every IPv4 address right now (bound to port 0, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("0.0.0.0", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class ServerProcess:
