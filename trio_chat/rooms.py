@@ -101,8 +101,7 @@ class Registry:
         """The ROOM_REF of `room_name`, creating the room with the next free ROOM_REF."""
         room = self._by_name.get(room_name)
         if room is None:
-            room = Room(len(self._by_name), room_name)
-            self.add_room(room.ref, room_name)
+            room = self.add_room(len(self._by_ref), room_name)
         return room.ref
 
     def add_room(self, room_ref: int, room_name: str) -> Room:
