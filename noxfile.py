@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import nox
 
@@ -14,18 +15,53 @@ nox.options.error_on_missing_interpreters = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 
+# Every default session installs against these exact versions: a release of any test tool
+# cannot turn the suite red until someone updates this file on purpose.
+CONSTRAINTS = ("-c", "constraints.txt")
+
+
+def _install(
+    session: nox.Session, *groups: str, editable: bool = True, pinned: bool = True
+) -> None:
+    """Install the project (editable) and the named dependency groups into `session`."""
+    requirements = [
+        dep for group in groups for dep in nox.project.dependency_groups(PYPROJECT, group)
+    ]
+    project = ["-e", "."] if editable else []
+    session.install(*(CONSTRAINTS if pinned else ()), *project, *requirements)
+
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (pytest-trio), protocol through real sockets and scripts."""
-    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "test"))
+    _install(session, "test")
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def latest(session: nox.Session) -> None:
+    """Run the tests on the newest release of every dependency, to learn of breakage early."""
+    _install(session, "test", pinned=False)
+    session.run("pytest", *session.posargs, env={"HYPOTHESIS_PROFILE": "dev"})
+
+
+@nox.session
+def lock(session: nox.Session) -> None:
+    """Rewrite constraints.txt from the newest releases that the default sessions need."""
+    _install(session, "test", "lint", "typing", pinned=False)
+    session.install("nox")
+    frozen = session.run("python", "-m", "pip", "freeze", "--exclude-editable", silent=True)
+    assert isinstance(frozen, str)
+    path = Path("constraints.txt")
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    pins = sorted(line for line in frozen.splitlines() if line and not line.startswith("#"))
+    path.write_text("\n".join([*header, *pins]) + "\n")
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """Check style and async pitfalls with ruff (lint and format)."""
-    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
+    _install(session, "lint", editable=False)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -33,7 +69,8 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """Type-check the package, tests and this file with mypy --strict."""
-    session.install("-e", ".", "nox", *nox.project.dependency_groups(PYPROJECT, "typing"))
+    _install(session, "typing")
+    session.install(*CONSTRAINTS, "nox")
     session.run("mypy")
 
 

@@ -13,7 +13,7 @@ python=${PYTHON:-python3}
 
 if [ ! -x "$runner/bin/nox" ]; then
     "$python" -m venv "$runner"
-    "$runner/bin/python" -m pip install --quiet --disable-pip-version-check "nox>=2024.10.9"
+    "$runner/bin/python" -m pip install --quiet --disable-pip-version-check -c "$root/constraints.txt" nox
 fi
 
 cd "$root"

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, Phase, settings
 
 from tests.chatclient import Client
 from trio_chat.config import Config
 from trio_chat.server import ChatServer, serve
+
+# The default profile makes property tests a fixed set of examples: derandomised, no example
+# database to replay (a stored failure would make one red run red forever), no deadline on a
+# loaded machine, and no shrinking (a failure is reported as found, with its example, rather
+# than after minutes of shrinking). HYPOTHESIS_PROFILE=dev explores new examples, with a
+# database and shrinking, when you are hunting bugs on purpose.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile("dev", deadline=None, max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 import trio
 
-from trio_chat import bench, cli
-from trio_chat.bench import Load, Result, run_load
+from trio_chat import cli
+from trio_chat.tools import bench
+from trio_chat.tools.bench import Load, Result, run_load
 
 SMALL = Load(rooms=2, members=4, senders=2, messages=40)
 

@@ -20,8 +20,6 @@ import pytest
 import trio
 
 from trio_chat import protocol
-from trio_chat.check import CASES, Settings, case_names, run_checks
-from trio_chat.check.runner import CaseResult
 from trio_chat.config import Config
 from trio_chat.protocol import (
     Chat,
@@ -37,6 +35,8 @@ from trio_chat.protocol import (
 )
 from trio_chat.rooms import Registry, RoomEvent, Session
 from trio_chat.server import serve
+from trio_chat.tools.check import CASES, Settings, case_names, run_checks
+from trio_chat.tools.check.runner import CaseResult
 
 # Faulty servers fail some cases by not sending what is awaited: a short wait keeps the
 # suite fast, and is still hundreds of times what a local server needs to answer. Bytes sent

@@ -58,9 +58,13 @@ FRAGMENTS = [
     b"x" * 200,
     b"y" * 600,
 ]
-HOSTILE_BYTES = st.lists(
-    st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=40)), max_size=80
-).map(b"".join)
+# KILL_SERVICE is not the subject here (it stops the service for everyone, as it should): the
+# hostile bytes never contain it, however they were put together.
+HOSTILE_BYTES = (
+    st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=40)), max_size=80)
+    .map(b"".join)
+    .filter(lambda data: b"KILL_SERVICE" not in data)
+)
 CUTS = st.lists(st.integers(min_value=0, max_value=50_000), max_size=10)
 
 
@@ -121,7 +125,7 @@ async def hostile(client: Client, data: bytes, cuts: list[int]) -> None:
     await trio.testing.wait_all_tasks_blocked()
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500)
 @given(
     first=HOSTILE_BYTES,
     second=HOSTILE_BYTES,

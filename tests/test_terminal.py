@@ -17,7 +17,7 @@ import trio
 from tests.chatclient import Client
 from trio_chat.config import Config
 from trio_chat.server import serve
-from trio_chat.terminal import Screen, typed_lines
+from trio_chat.tools.terminal import Screen, typed_lines
 
 # How long to wait for the client's output or exit. Only reached when something is wrong.
 OUTPUT_TIMEOUT = 20.0

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_chat import bench, check, terminal
 from trio_chat.config import Config
 from trio_chat.server import ChatServer
+from trio_chat.tools import bench, check, terminal
 
 if TYPE_CHECKING:
     from trio_chat.redis_broker import RedisSettings

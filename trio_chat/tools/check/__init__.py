@@ -5,8 +5,8 @@ It speaks to the server only over TCP and knows nothing of trio-chat's insides: 
 (`wire.py`); `runner.py` runs the cases and reports. docs/checking.md explains its use.
 """
 
-from trio_chat.check.cases import CASES, Case
-from trio_chat.check.runner import CaseResult, add_parser, case_names, run_checks
-from trio_chat.check.settings import Settings
+from trio_chat.tools.check.cases import CASES, Case
+from trio_chat.tools.check.runner import CaseResult, add_parser, case_names, run_checks
+from trio_chat.tools.check.settings import Settings
 
 __all__ = ["CASES", "Case", "CaseResult", "Settings", "add_parser", "case_names", "run_checks"]

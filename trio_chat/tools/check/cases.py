@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable
 import trio
 from attrs import define, field, frozen
 
-from trio_chat.check.settings import Settings
-from trio_chat.check.wire import (
+from trio_chat.client import ChatMessage, Error, Joined, Reply, ReplyError, ReplyParser
+from trio_chat.tools.check.settings import Settings
+from trio_chat.tools.check.wire import (
     JOINED_PATTERN,
     CaseFailed,
     Conn,
@@ -26,7 +27,6 @@ from trio_chat.check.wire import (
     left_reply,
     parse_joined,
 )
-from trio_chat.client import ChatMessage, Error, Joined, Reply, ReplyError, ReplyParser
 
 # A ROOM_REF no server will have assigned while being checked.
 UNUSED_REF = 999_999_999

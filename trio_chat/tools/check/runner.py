@@ -13,9 +13,9 @@ from typing import TextIO
 import trio
 from attrs import asdict, frozen
 
-from trio_chat.check.cases import CASES, Case, Context
-from trio_chat.check.settings import Settings
-from trio_chat.check.wire import CaseFailed
+from trio_chat.tools.check.cases import CASES, Case, Context
+from trio_chat.tools.check.settings import Settings
+from trio_chat.tools.check.wire import CaseFailed
 
 # Expected and arrived bytes are shown around their first difference, this many characters
 # either side, so a 16 MiB flood or a 70 KiB line still gives a readable report.

@@ -20,7 +20,7 @@ import trio
 from attrs import frozen
 
 from trio_chat import protocol
-from trio_chat.check.settings import Settings
+from trio_chat.tools.check.settings import Settings
 
 _barrier_ids = itertools.count()
 
