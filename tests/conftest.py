@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
+import trustme
 from hypothesis import HealthCheck, Phase, settings
 
 from tests.chatclient import Client
@@ -84,3 +88,34 @@ def connect_memory(memory_server: ChatServer, nursery: trio.Nursery) -> ConnectM
         return open_memory_connection(memory_server, nursery, peer)[0]
 
     return connect
+
+
+# -- TLS: a certificate authority made for the test run, and a server certificate from it ----
+
+
+@attrs.frozen
+class TLSFiles:
+    """A server certificate and key on disk, and a client context that trusts them."""
+
+    cert: Path
+    key: Path
+    client_context: ssl.SSLContext
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    """A throwaway certificate authority (made once per run: key generation takes time)."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(tls_ca: trustme.CA, tmp_path: Path) -> TLSFiles:
+    """A certificate for 127.0.0.1 and localhost in PEM files, and a context that trusts it."""
+    issued = tls_ca.issue_cert("127.0.0.1", "localhost")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    for blob in issued.cert_chain_pems:
+        blob.write_to_path(cert, append=True)
+    issued.private_key_pem.write_to_path(key)
+    client_context = ssl.create_default_context()
+    tls_ca.configure_trust(client_context)
+    return TLSFiles(cert, key, client_context)
