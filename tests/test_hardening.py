@@ -24,7 +24,8 @@ import trio.testing
 from tests.chatclient import RECEIVE_TIMEOUT, Client
 from trio_chat.cli import _TUNABLES, build_parser, config_from_args
 from trio_chat.config import KIB, MIB, Config
-from trio_chat.server import ChatServer, Connection
+from trio_chat.connection import Connection
+from trio_chat.server import ChatServer
 
 # -- the wire, as PROTOCOL.md section 2 writes it ---------------------------------------------
 

@@ -51,6 +51,10 @@ class Config:
     max_outbound: int = field(default=1 * MIB, validator=_positive)
     """Bytes queued for one client but not yet sent. A client that stops reading while its
     rooms are busy is disconnected when its queue would exceed this: it never slows the room."""
+    direct_writes: bool = True
+    """Write queued output straight to a plain TCP socket from one flusher task (batched,
+    no task woken per client: the fan-out fast path, see outbox.py) rather than through each
+    connection's writer task. Off only to measure or to rule the fast path out."""
     max_connections: int = field(default=10_000, validator=_positive)
     """Connections served at once; further clients wait in the listen backlog until one ends."""
     max_rooms_per_connection: int = field(default=1_000, validator=_positive)

@@ -5,31 +5,51 @@ broadcast costs a list append per member. What happens next decides how fast fan
 small ``send`` costs a few microseconds of kernel time and waking a task costs about as much
 again in trio's scheduler, so both must be paid per batch of messages, not per message.
 
-- On a socket, the first push into an empty outbox puts it on the run's dirty list. One
-  flusher task per trio run wakes once for everything queued while the other tasks ran,
-  and for each dirty outbox joins what is pending and writes it with one non-blocking
-  ``os.write``. No per-client task is woken and nothing awaits. The busier the server, the
-  more messages each write carries.
-- When the socket cannot take everything (the client reads slowly), the rest goes to the
-  connection's writer task, which waits until the socket is writable and keeps sending;
-  pushes meanwhile pile up and go out together. The flusher leaves that outbox alone until
-  the writer has caught up.
-- Over other streams (in-memory streams in tests), the writer task sends everything.
+The connection's writer task (`Outbox.run_writer`) sends everything pending in one
+`Transport.send`, waits for more, and pushes meanwhile pile up and go out together.
+
+Direct writes
+-------------
+On a plain socket (the transport's `fileno` is not None, and `Config.direct_writes` is on)
+most bytes do not pass through the writer task at all. The first push into an empty outbox
+puts it on the run's dirty list; one flusher task per trio run wakes once for everything
+queued while the other tasks ran, and for each dirty outbox joins what is pending and writes
+it with one non-blocking ``os.write``. No per-client task is woken and nothing awaits; the
+busier the server, the more messages each write carries. The rules that keep this safe, all
+enforced in this module:
+
+1. Bytes leave in push order and never interleave: the flusher writes only while the writer
+   is not sending (`_writing`), and whatever a write leaves unsent goes back to the head of
+   the pending list for the writer, which waits for the socket to become writable. The
+   flusher then leaves that outbox alone until the writer has caught up.
+2. The descriptor is used only while `run_writer` runs, and `run_writer` forgets it before
+   it returns; the connection closes its transport only after its writer has returned. So a
+   descriptor number the kernel has reused for another socket is never written to.
+3. Once a send was interrupted part-way (`_torn`), nothing more is written by anyone.
+4. The flusher is a system task: it never raises. A write that fails leaves the error to the
+   writer's own send; anything unexpected abandons that one outbox and is logged.
+5. At shutdown, `Outbox.finish` makes one last direct write of what is pending, so replies
+   queued just before KILL_SERVICE still get their chance, and closes the outbox.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable
 
 import trio
 
+from trio_chat.transport import Transport
+
+log = logging.getLogger("trio_chat")
+
 _Abort = trio.lowlevel.Abort
 
 
 class _Flusher:
-    """The outboxes with bytes to write, and the one task that writes them."""
+    """The outboxes with bytes to write directly, and the one task that writes them."""
 
     __slots__ = ("dirty", "task")
 
@@ -38,15 +58,17 @@ class _Flusher:
         self.task: trio.lowlevel.Task | None = None  # set while it waits for work
 
     async def run(self) -> None:
-        # A system task: it must never raise (that would crash the run), and it does not:
-        # `Outbox._flush` catches every OSError.
         while True:
             if not self.dirty:
                 self.task = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(_abort_wait(self))
             dirty, self.dirty = self.dirty, []
             for outbox in dirty:
-                outbox._flush()
+                try:
+                    outbox._flush()
+                except Exception:  # a bug: it must not take the whole run down (rule 4)
+                    log.exception("direct write failed; dropping that client's output")
+                    outbox._fail()
 
 
 def _abort_wait(flusher: _Flusher) -> Callable[[object], _Abort]:
@@ -76,7 +98,8 @@ class Outbox:
 
     A push that would take the unsent total past `limit` drops everything, marks the outbox
     overflowed and calls `on_overflow` once: a client that does not read is cut off instead of
-    holding memory or slowing anyone else down.
+    holding memory or slowing anyone else down. An outbox ends in one of two ways: `close`
+    (send what is queued, then end the output) or `abandon` (drop it).
     """
 
     __slots__ = (
@@ -90,6 +113,7 @@ class Outbox:
         "_torn",
         "_waiter",
         "_writing",
+        "failed",
         "limit",
         "on_overflow",
         "overflowed",
@@ -101,20 +125,20 @@ class Outbox:
         self.limit = limit
         self.on_overflow = on_overflow
         self.overflowed = False
+        self.failed = False  # the flusher met an unexpected error writing for this outbox
         self._pending: list[bytes] = []
         self._size = 0  # bytes pushed and not yet fully sent, including a write in progress
         self._closed = False
         self._end_with_eof = False
         self._waiter: trio.lowlevel.Task | None = None  # the writer, while it waits for work
-        # Direct writes: the socket's descriptor while the writer runs on a socket (None
-        # otherwise, and always before the socket can be closed, so a reused descriptor
-        # number is never written to), this run's flusher, whether this outbox is on its
-        # dirty list, and whether the writer task is in the middle of a send.
+        # Direct writes (see the module docstring): the socket's descriptor while the writer
+        # runs, this run's flusher, whether this outbox is on its dirty list, whether the
+        # writer is in the middle of a send, and whether a send was cut off part-way.
         self._fd: int | None = None
         self._flusher: _Flusher | None = None
         self._dirty = False
         self._writing = False
-        self._torn = False  # a send was interrupted part-way: the stream is no longer whole
+        self._torn = False
 
     @property
     def unsent(self) -> int:
@@ -150,22 +174,34 @@ class Outbox:
             trio.lowlevel.reschedule(task)
 
     def close(self) -> None:
-        """Accept nothing more; the writer sends what is queued, then ends the stream."""
+        """Accept nothing more; the writer sends what is queued, then ends the output."""
         self._closed = True
         self._end_with_eof = True
         self._wake()
 
-    def seal(self) -> None:
-        """Accept nothing more, keeping what is queued (for `write_nowait` at shutdown)."""
-        self._closed = True
-
     def abandon(self) -> None:
-        """Accept nothing more and drop what is queued."""
+        """Accept nothing more and drop what is queued; the writer returns."""
         self._closed = True
         self._end_with_eof = False
         self._fd = None
         self._pending.clear()
         self._wake()
+
+    def finish(self) -> None:
+        """One last non-blocking write of what is pending, then `abandon` (at shutdown, when
+        the writer will not get to run again)."""
+        fd = self._fd
+        if fd is not None and self._pending and not self._writing and not self._torn:
+            # If the client is gone, or not reading, nothing more can be done for it.
+            with contextlib.suppress(OSError):
+                os.write(fd, b"".join(self._pending))
+        self.abandon()
+
+    def _fail(self) -> None:
+        self.failed = True
+        self.abandon()
+        if self.on_overflow is not None:
+            self.on_overflow(self, 0)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -208,48 +244,41 @@ class Outbox:
             pending.append(chunk[sent:])
             self._wake()
 
-    def write_nowait(self, stream: trio.abc.Stream) -> None:
-        """One last non-blocking write of what is pending, when the writer can no longer run
-        (shutdown): replies queued just before KILL_SERVICE still get their chance."""
-        if self._torn or not self._pending or not isinstance(stream, trio.SocketStream):
-            return
-        with contextlib.suppress(OSError):
-            os.write(stream.socket.fileno(), b"".join(self._pending))
-        self._pending.clear()
+    async def run_writer(self, transport: Transport, *, direct: bool = True) -> None:
+        """Send everything pushed, as it comes; after `close`, flush and end the output.
 
-    async def run_writer(self, stream: trio.abc.HalfCloseableStream) -> None:
-        """Send everything pushed, as it comes; after `close`, flush and send end-of-stream.
-
-        The only task that sends on `stream` (the flusher writes for it while it is idle).
-        It returns once the outbox is closed and empty (after sending EOF if it was closed,
-        not abandoned) and lets the stream's errors out.
+        The only task that sends on `transport`; with `direct` and a transport that offers a
+        descriptor, the flusher writes for it while it is idle (see the module docstring).
+        It returns once the outbox is closed and empty (after `send_eof` if it was closed,
+        not abandoned) and lets the transport's errors out.
         """
-        pending = self._pending
-        if isinstance(stream, trio.SocketStream) and not self._closed:
-            self._fd = stream.socket.fileno()
+        fd = transport.fileno() if direct else None
+        if fd is not None and not self._closed:
+            self._fd = fd
             self._flusher = _flusher()
-            if pending:
+            if self._pending:
                 self._mark_dirty()
         try:
             while True:
-                if not pending:
+                batch = self._pending
+                if not batch:
                     if self._closed:
                         if self._end_with_eof:
-                            await stream.send_eof()
+                            await transport.send_eof()
                         return
                     await self._wait()
                     continue
-                chunk = pending[0] if len(pending) == 1 else b"".join(pending)
-                pending.clear()
+                self._pending = []
+                size = sum(map(len, batch))
                 self._writing = True
                 try:
-                    await stream.send_all(chunk)
+                    await transport.send(batch)
                 except BaseException:
-                    # Part of `chunk` may have gone out: nothing after it can follow.
+                    # Part of the batch may have gone out: nothing after it can follow.
                     self._torn = True
                     raise
                 finally:
                     self._writing = False
-                self._size -= len(chunk)
+                self._size -= size
         finally:
             self._fd = None

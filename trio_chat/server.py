@@ -1,12 +1,10 @@
-"""The trio server: the only place that touches sockets.
+"""The trio server: listening, accepting, and the life of the service.
 
-`serve` listens and runs one `Connection` per client inside the root nursery; KILL_SERVICE
-cancels the root nursery's scope and everything shuts down. A `Connection` is two tasks: the
-reader, which parses requests and dispatches them to the room core synchronously, and the
-writer (`Outbox.run_writer`), which owns the sending side of the socket.
-
-`ChatServer.handle_stream` serves an already-open stream, so tests drive the whole server over
-in-memory streams with no sockets at all.
+`serve` listens and runs one `Connection` (connection.py) per client inside the root
+nursery; KILL_SERVICE or a signal calls `ChatServer.shutdown`, which gives every connection's
+queued output one last write and cancels the root scope. A connection is served over a
+`Transport` (transport.py); `ChatServer.serve_transport` serves one that is already open
+(the plain listener here, a TLS or WebSocket door elsewhere, in-memory streams in tests).
 """
 
 from __future__ import annotations
@@ -14,32 +12,16 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import math
 import socket
 from collections.abc import Callable
-from typing import Literal
 
 import attrs
 import trio
 
-from trio_chat import protocol
 from trio_chat.broker import Broker, LocalBroker
 from trio_chat.config import Config
-from trio_chat.outbox import Outbox
-from trio_chat.protocol import (
-    Chat,
-    Disconnect,
-    Event,
-    Helo,
-    Join,
-    KillService,
-    Leave,
-    LineBuffer,
-    ProtocolError,
-    RequestParser,
-    Unknown,
-)
-from trio_chat.rooms import Session
+from trio_chat.connection import Connection
+from trio_chat.transport import StreamTransport, Transport
 
 log = logging.getLogger("trio_chat")
 
@@ -50,17 +32,6 @@ _ACCEPT_CAPACITY_ERRNOS = frozenset(
     for name in ("EMFILE", "ENFILE", "ENOMEM", "ENOBUFS")
     if (code := getattr(errno, name, None)) is not None
 )
-
-# Unknown lines logged at INFO per connection; the rest go to DEBUG, so a client sending
-# garbage cannot flood the log.
-UNKNOWN_LINES_LOGGED = 10
-
-# Why a connection ended.
-Ending = Literal["eof", "idle", "disconnect", "too_large", "broken", "too slow"]
-
-
-def _display_ip(ip: str) -> str:
-    return ip.removeprefix("::ffff:") if "." in ip else ip
 
 
 @attrs.define(eq=False)
@@ -87,23 +58,32 @@ class ChatServer:
         log.info("shutting down: %s", reason)
         if everywhere:
             self.broker.kill_service(reason)
-        # What is queued now gets one last write as each connection closes; what the
-        # teardown itself would queue (leave announcements) is not sent.
+        # What is queued now gets one last write; what the teardown itself would queue
+        # (leave announcements) is not sent.
         for connection in self.connections:
-            connection.outbox.seal()
+            connection.outbox.finish()
         self.shutdown_scope.cancel()
 
-    async def handle_stream(
-        self, stream: trio.abc.HalfCloseableStream, *, local: tuple[str, int], peer: str
-    ) -> None:
-        """Serve one client on `stream` until it leaves; `local` is the (ip, port) it reached."""
-        ip = self.config.advertise_ip or _display_ip(local[0])
-        connection = Connection(self, stream, ip=ip, port=local[1], peer=peer)
+    async def serve_transport(self, transport: Transport) -> None:
+        """Serve one client on an open `transport` until it leaves; then close it.
+
+        The entry point of every door. An unexpected error is logged and ends this client's
+        connection only.
+        """
+        connection = Connection(self, transport)
         self.connections.add(connection)
         try:
             await connection.run()
+        except Exception:  # a bug in the teardown itself: still this connection's alone
+            log.exception("%s: unexpected error while closing", connection.peer)
         finally:
             self.connections.discard(connection)
+
+    async def handle_stream(
+        self, stream: trio.abc.Stream, *, local: tuple[str, int], peer: str
+    ) -> None:
+        """Serve one client on `stream`; `local` is the (ip, port) it reached."""
+        await self.serve_transport(StreamTransport(stream, local=local, peer=peer))
 
     async def serve(
         self,
@@ -162,13 +142,11 @@ class ChatServer:
     async def _serve_socket(self, stream: trio.SocketStream, release: Callable[[], None]) -> None:
         try:
             try:
-                local = stream.socket.getsockname()
-                peer_address = stream.socket.getpeername()
+                transport = StreamTransport.from_socket(stream, stream)
             except OSError:  # the client is already gone
                 await trio.aclose_forcefully(stream)
                 return
-            peer = f"{_display_ip(peer_address[0])}:{peer_address[1]}"
-            await self.handle_stream(stream, local=(local[0], local[1]), peer=peer)
+            await self.serve_transport(transport)
         finally:
             release()
 
@@ -202,239 +180,3 @@ async def open_listeners(config: Config) -> list[trio.SocketListener]:
         sock.close()
         raise
     return [trio.SocketListener(sock)]
-
-
-class Connection:
-    """One client: a reader that dispatches requests and a writer that sends replies."""
-
-    def __init__(
-        self,
-        server: ChatServer,
-        stream: trio.abc.HalfCloseableStream,
-        *,
-        ip: str,
-        port: int,
-        peer: str,
-    ) -> None:
-        self.server = server
-        self.config = server.config
-        self.stream = stream
-        self.ip = ip
-        self.port = port
-        self.peer = peer
-        self.outbox = Outbox(self.config.max_outbound, self._overflowed)
-        self.session = Session(self.outbox)
-        self.broker = server.broker
-        self._cancel_scope = trio.CancelScope()
-        self._read_scope = trio.CancelScope()  # given a deadline when closing begins
-        self._write_done = trio.Event()
-        self.ending: Ending | None = None
-        self._debug = log.isEnabledFor(logging.DEBUG)
-        self._unknown_lines = 0
-
-    async def run(self) -> None:
-        """Serve the client until it leaves, breaks, or is cut off; then close the stream."""
-        log.info("%s connected", self.peer)
-        try:
-            with self._cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write)
-                    with self._read_scope:
-                        self.ending = await self._read()
-                    self._close_gracefully()
-                    # Let the writer flush what is queued, within the same grace deadline.
-                    with trio.CancelScope(deadline=self._read_scope.deadline):
-                        await self._write_done.wait()
-                    nursery.cancel_scope.cancel()
-        except* (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.ending = "broken"
-        finally:
-            if self.server.shutdown_scope.cancel_called:  # no time to flush: one last try
-                self.outbox.write_nowait(self.stream)
-            self.outbox.abandon()
-            self._leave_all()
-            self.broker.release(self.session)
-            if self.outbox.overflowed:
-                self.ending = "too slow"
-            log.info("%s disconnected (%s)", self.peer, self.ending or "shutdown")
-            # Last: inside a cancelled scope (shutdown) this raises Cancelled once closed.
-            await trio.aclose_forcefully(self.stream)
-
-    def _close_gracefully(self) -> None:
-        """Stop taking requests: leave every room, flush, send EOF, drain within the grace."""
-        # Closed once this connection's earlier events are applied: with a shared bus, its
-        # own leave announcements after DISCONNECT are still on their way back.
-        self.broker.then(self.session, self.outbox.close)
-        self._leave_all()
-        if self._read_scope.deadline == math.inf:
-            self._read_scope.deadline = trio.current_time() + self.config.disconnect_grace
-
-    async def _write(self) -> None:
-        try:
-            await self.outbox.run_writer(self.stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # The client is gone; the reader learns it from the cancellation.
-            self._cancel_scope.cancel()
-        finally:
-            self._write_done.set()
-
-    def _reply(self, data: bytes) -> None:
-        # Through the broker: with a shared bus, a reply waits for the broadcasts of this
-        # connection's earlier requests, so the client sees everything in request order.
-        self.broker.reply(self.session, data)
-
-    def _overflowed(self, outbox: Outbox, rejected: int) -> None:
-        log.warning(
-            "%s is too slow: %d bytes unsent and %d more would pass the limit of %d; "
-            "disconnecting it",
-            self.peer,
-            outbox.unsent,
-            rejected,
-            outbox.limit,
-        )
-        self._cancel_scope.cancel()
-
-    def _leave_all(self) -> None:
-        outcome = self.broker.registry.disconnect(self.session)
-        if outcome.events:
-            self.broker.publish(outcome.events)
-
-    async def _read(self) -> Ending:
-        """Read and dispatch requests until the client ends, disconnects or oversteps a limit.
-
-        After DISCONNECT or error 4 the connection is closing: input is read and discarded
-        (until EOF or the grace deadline) and only KILL_SERVICE is still honoured.
-        """
-        config = self.config
-        buffer = LineBuffer(config.max_line)
-        parser = RequestParser(config.max_message, config.max_name)
-        receive = self.stream.receive_some
-        feed_line = parser.feed_line
-        plain_chat = parser.plain_chat
-        max_line = config.max_line
-        # Lines handled before other connections get a turn: one receive can hold tens of
-        # thousands of tiny requests, and handling them all at once would hold every other
-        # client up for as long. A plain CHAT counts as its four lines.
-        lines_per_turn = 512
-        while True:
-            if config.idle_timeout is None or self.ending is not None:
-                data = await receive(config.receive_size)
-            else:
-                with trio.move_on_after(config.idle_timeout) as idle:
-                    data = await receive(config.receive_size)
-                if idle.cancelled_caught:
-                    log.info("%s idle for %g s", self.peer, config.idle_timeout)
-                    return "idle"
-            if not data:
-                return self.ending or "eof"
-            try:
-                # Plain CHAT requests whole in `data` take the parser's shortcut; everything
-                # else goes through the line buffer one line at a time, so that the shortcut
-                # can be taken again as soon as the parser is between requests.
-                start = 0
-                end = len(data)
-                turn = 0
-                while start < end:
-                    if turn >= lines_per_turn:
-                        turn = 0
-                        await trio.lowlevel.checkpoint()
-                    if self.ending is None and not len(buffer):
-                        while turn < lines_per_turn and (
-                            found := plain_chat(data, start, max_line)
-                        ):
-                            chat, start = found
-                            self._handle(chat)
-                            turn += 4
-                        if start == end:
-                            break
-                        if turn >= lines_per_turn:
-                            continue
-                    newline = data.find(b"\n", start)
-                    stop = end if newline < 0 else newline + 1
-                    piece = data[start:stop] if start or stop < end else data
-                    start = stop
-                    turn += 1
-                    for line in buffer.feed(piece):
-                        if self.ending is not None:
-                            if line.strip() == b"KILL_SERVICE":
-                                self.server.shutdown(f"KILL_SERVICE from {self.peer}")
-                            continue
-                        for event in feed_line(line):
-                            if type(event) is Join:
-                                await self._join(event)
-                            elif self._handle(event):
-                                self.ending = "disconnect"
-                                self._close_gracefully()
-                                break
-            except ProtocolError as error:  # only "too large" is raised; the rest are events
-                buffer = LineBuffer(config.max_line)  # what it held is discarded
-                if self.ending is None:
-                    log.info("%s: %s; closing", self.peer, error.description)
-                    self._reply(protocol.encode_error(error))
-                    self.ending = "too_large"
-                    self._close_gracefully()
-
-    def _handle(self, event: Event) -> bool:
-        """Carry out one request other than JOIN; True when the connection is to close."""
-        if self._debug:
-            log.debug("%s: %r", self.peer, event)
-        registry = self.broker.registry
-        try:
-            if type(event) is Chat:
-                self.broker.check_available()
-                outcome = registry.chat(
-                    self.session, event.room_ref, event.client_name, event.message
-                )
-            elif type(event) is Leave:
-                self.broker.check_available()
-                outcome = registry.leave(self.session, event.room_ref, event.join_id)
-                if outcome.events:
-                    log.info("%s left room %d", self.peer, event.room_ref)
-            elif type(event) is Helo:
-                config = self.config
-                self._reply(protocol.encode_helo(event.text, self.ip, self.port, config.student_id))
-                return False
-            elif type(event) is Unknown:
-                self._unknown_lines += 1
-                level = (
-                    logging.INFO if self._unknown_lines <= UNKNOWN_LINES_LOGGED else logging.DEBUG
-                )
-                log.log(level, "%s: ignoring unknown line %.80r", self.peer, event.line)
-                return False
-            elif type(event) is Disconnect:
-                log.info("%s disconnecting as %s", self.peer, event.client_name)
-                self._leave_all()  # before the outbox closes: the client hears its own leaves
-                return True
-            elif type(event) is KillService:
-                self.server.shutdown(f"KILL_SERVICE from {self.peer}")
-                return False
-            else:
-                assert isinstance(event, ProtocolError)
-                raise event
-        except ProtocolError as error:
-            self._reply(protocol.encode_error(error))
-            return False
-        if outcome.reply is not None:
-            self._reply(outcome.reply)
-        if outcome.events:
-            self.broker.publish(outcome.events)
-        return False
-
-    async def _join(self, request: Join) -> None:
-        if self._debug:
-            log.debug("%s: %r", self.peer, request)
-        try:
-            outcome = await self.broker.join(
-                self.session,
-                request.room_name,
-                request.client_name,
-                server_ip=self.ip,
-                server_port=self.port,
-            )
-        except ProtocolError as error:
-            self._reply(protocol.encode_error(error))
-            return
-        log.info("%s joined %r as %r", self.peer, request.room_name, request.client_name)
-        if outcome.reply is not None:
-            self._reply(outcome.reply)
-        self.broker.publish(outcome.events)

@@ -1,0 +1,248 @@
+"""One client, whatever door it came through: requests in, replies and broadcasts out.
+
+A `Connection` serves one `Transport` with two tasks: the reader (`_read`), a short loop that
+feeds received bytes to the I/O-free `RequestReader` and carries out each request it gives,
+and the writer (`Outbox.run_writer`), which sends what the room core queued for this client.
+Everything it does to rooms goes through the broker; everything it sends goes through its
+outbox, so replies and broadcasts reach the client in one order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Literal
+
+import trio
+
+from trio_chat import protocol
+from trio_chat.outbox import Outbox
+from trio_chat.protocol import (
+    NEED_DATA,
+    TURN_OVER,
+    Chat,
+    Disconnect,
+    Event,
+    Helo,
+    Join,
+    KillService,
+    Leave,
+    ProtocolError,
+    RequestReader,
+    Unknown,
+)
+from trio_chat.rooms import Session
+from trio_chat.transport import Transport, display_ip
+
+if TYPE_CHECKING:
+    from trio_chat.server import ChatServer
+
+log = logging.getLogger("trio_chat")
+
+# Unknown lines logged at INFO per connection; the rest go to DEBUG, so a client sending
+# garbage cannot flood the log.
+UNKNOWN_LINES_LOGGED = 10
+
+# Why a connection ended.
+Ending = Literal["eof", "idle", "disconnect", "too_large", "broken", "too slow", "error"]
+
+
+class Connection:
+    """One client: a reader that dispatches requests and a writer that sends replies."""
+
+    def __init__(self, server: ChatServer, transport: Transport) -> None:
+        self.server = server
+        self.config = config = server.config
+        self.transport = transport
+        self.peer = transport.peer
+        self.ip = config.advertise_ip or display_ip(transport.local[0])
+        self.port = transport.local[1]
+        self.reader = RequestReader(
+            max_line=config.max_line, max_message=config.max_message, max_name=config.max_name
+        )
+        self.outbox = Outbox(config.max_outbound, self._cut_off)
+        self.session = Session(self.outbox)
+        self.broker = server.broker
+        self.ending: Ending | None = None
+        self._cancel_scope = trio.CancelScope()
+        self._read_scope = trio.CancelScope()  # given a deadline when closing begins
+        self._write_done = trio.Event()
+        self._debug = log.isEnabledFor(logging.DEBUG)
+        self._unknown_lines = 0
+
+    async def run(self) -> None:
+        """Serve the client until it leaves, breaks, or is cut off; then close the transport.
+
+        An unexpected error (a bug) is logged with its traceback and ends this connection
+        only.
+        """
+        log.info("%s connected", self.peer)
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write)
+                    with self._read_scope:
+                        self.ending = await self._read()
+                    self._close_gracefully()
+                    # Let the writer flush what is queued, within the same grace deadline.
+                    with trio.CancelScope(deadline=self._read_scope.deadline):
+                        await self._write_done.wait()
+                    nursery.cancel_scope.cancel()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.ending = "broken"
+        except* Exception:
+            self.ending = "error"
+            log.exception("%s: unexpected error; closing this connection", self.peer)
+        finally:
+            self.outbox.abandon()
+            self._leave_all()
+            self.broker.release(self.session)
+            if self.outbox.overflowed:
+                self.ending = "too slow"
+            log.info("%s disconnected (%s)", self.peer, self.ending or "shutdown")
+            # Last, after the writer has returned (the outbox's rule 2). Inside a cancelled
+            # scope (shutdown) this raises Cancelled once closed.
+            await self.transport.aclose()
+
+    async def _read(self) -> Ending:
+        """Read and dispatch requests until the client ends, disconnects or oversteps a limit.
+
+        After DISCONNECT or error 4 the connection is closing: the reader drops input until
+        EOF or the grace deadline, and gives nothing but KILL_SERVICE.
+        """
+        reader = self.reader
+        while True:
+            event = reader.next_event()
+            if event is NEED_DATA:
+                data = await self._receive()
+                if not data:
+                    return self.ending or ("eof" if data is not None else "idle")
+                reader.receive_data(data)
+            elif event is TURN_OVER:
+                await trio.lowlevel.checkpoint()
+            elif type(event) is Join:
+                await self._join(event)
+            else:
+                self._handle(event)
+
+    async def _receive(self) -> bytes | bytearray | None:
+        """The next bytes from the client, ``b""`` at its end, None after `idle_timeout`."""
+        config = self.config
+        if config.idle_timeout is None or self.ending is not None:
+            return await self.transport.receive(config.receive_size)
+        with trio.move_on_after(config.idle_timeout):
+            return await self.transport.receive(config.receive_size)
+        log.info("%s idle for %g s", self.peer, config.idle_timeout)
+        return None
+
+    def _close_gracefully(self) -> None:
+        """Stop taking requests: leave every room, flush, send EOF, drain within the grace."""
+        # Closed once this connection's earlier events are applied: with a shared bus, its
+        # own leave announcements after DISCONNECT are still on their way back.
+        self.broker.then(self.session, self.outbox.close)
+        self._leave_all()
+        if self._read_scope.deadline == math.inf:
+            self._read_scope.deadline = trio.current_time() + self.config.disconnect_grace
+
+    async def _write(self) -> None:
+        try:
+            await self.outbox.run_writer(self.transport, direct=self.config.direct_writes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The client is gone; the reader learns it from the cancellation.
+            self._cancel_scope.cancel()
+        finally:
+            self._write_done.set()
+
+    def _reply(self, data: bytes) -> None:
+        # Through the broker: with a shared bus, a reply waits for the broadcasts of this
+        # connection's earlier requests, so the client sees everything in request order.
+        self.broker.reply(self.session, data)
+
+    def _cut_off(self, outbox: Outbox, rejected: int) -> None:
+        if outbox.failed:
+            self.ending = "error"
+        else:
+            log.warning(
+                "%s is too slow: %d bytes unsent and %d more would pass the limit of %d; "
+                "disconnecting it",
+                self.peer,
+                outbox.unsent,
+                rejected,
+                outbox.limit,
+            )
+        self._cancel_scope.cancel()
+
+    def _leave_all(self) -> None:
+        outcome = self.broker.registry.disconnect(self.session)
+        if outcome.events:
+            self.broker.publish(outcome.events)
+
+    def _handle(self, event: Event) -> None:
+        """Carry out one request other than JOIN."""
+        if self._debug:
+            log.debug("%s: %r", self.peer, event)
+        registry = self.broker.registry
+        try:
+            if type(event) is Chat:
+                self.broker.check_available()
+                outcome = registry.chat(
+                    self.session, event.room_ref, event.client_name, event.message
+                )
+            elif type(event) is Leave:
+                self.broker.check_available()
+                outcome = registry.leave(self.session, event.room_ref, event.join_id)
+                if outcome.events:
+                    log.info("%s left room %d", self.peer, event.room_ref)
+            elif type(event) is Helo:
+                config = self.config
+                self._reply(protocol.encode_helo(event.text, self.ip, self.port, config.student_id))
+                return
+            elif type(event) is Unknown:
+                self._unknown_lines += 1
+                level = (
+                    logging.INFO if self._unknown_lines <= UNKNOWN_LINES_LOGGED else logging.DEBUG
+                )
+                log.log(level, "%s: ignoring unknown line %.80r", self.peer, event.line)
+                return
+            elif type(event) is Disconnect:
+                log.info("%s disconnecting as %s", self.peer, event.client_name)
+                self._leave_all()  # before the outbox closes: the client hears its own leaves
+                self.ending = "disconnect"
+                self._close_gracefully()
+                return
+            elif type(event) is KillService:
+                self.server.shutdown(f"KILL_SERVICE from {self.peer}")
+                return
+            else:
+                assert isinstance(event, ProtocolError)
+                raise event
+        except ProtocolError as error:
+            self._reply(protocol.encode_error(error))
+            if error.closes_connection:
+                log.info("%s: %s; closing", self.peer, error.description)
+                self.ending = "too_large"
+                self._close_gracefully()
+            return
+        if outcome.reply is not None:
+            self._reply(outcome.reply)
+        if outcome.events:
+            self.broker.publish(outcome.events)
+
+    async def _join(self, request: Join) -> None:
+        if self._debug:
+            log.debug("%s: %r", self.peer, request)
+        try:
+            outcome = await self.broker.join(
+                self.session,
+                request.room_name,
+                request.client_name,
+                server_ip=self.ip,
+                server_port=self.port,
+            )
+        except ProtocolError as error:
+            self._reply(protocol.encode_error(error))
+            return
+        log.info("%s joined %r as %r", self.peer, request.room_name, request.client_name)
+        if outcome.reply is not None:
+            self._reply(outcome.reply)
+        self.broker.publish(outcome.events)
