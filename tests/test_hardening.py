@@ -25,6 +25,7 @@ from tests.chatclient import RECEIVE_TIMEOUT, Client
 from trio_chat.cli import _TUNABLES, build_parser, config_from_args
 from trio_chat.config import KIB, MIB, Config
 from trio_chat.connection import Connection
+from trio_chat.rooms import Outcome, Registry, Session
 from trio_chat.server import ChatServer
 
 # -- the wire, as PROTOCOL.md section 2 writes it ---------------------------------------------
@@ -699,3 +700,47 @@ async def test_a_flood_of_tiny_lines_does_not_hold_up_other_clients(
     # Handled without a pause, a receive of the default 64 KiB holds 32,768 such lines and
     # every other client waits about half a second (unknown lines are logged at INFO).
     assert max(handled) <= FAIRNESS.receive_size // 2 // 4
+
+
+# -- fault isolation ----------------------------------------------------------------------------
+
+
+async def test_an_unexpected_error_in_one_connection_closes_that_connection_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug met while handling one client's request (injected here into the room core) is
+    logged with its traceback and ends that client's connection alone: its room hears it
+    leave, and another client in the room is still served."""
+    real_chat = Registry.chat
+
+    def chat_with_a_bug(
+        self: Registry, session: Session, room_ref: int, client_name: str, message: str
+    ) -> Outcome:
+        if message == "boom":
+            raise RuntimeError("injected bug")
+        return real_chat(self, session, room_ref, client_name, message)
+
+    monkeypatch.setattr(Registry, "chat", chat_with_a_bug)
+    async with (
+        tcp_server(Config(host="127.0.0.1")) as (server, port),
+        await Client.connect(port) as steady,
+        await Client.connect(port) as victim,
+    ):
+        await steady.send(join("room", "steady"))
+        await steady.receive_until(b"joined this chatroom.\n\n")
+        await victim.send(join("room", "victim"))
+        await victim.receive_until(b"joined this chatroom.\n\n")
+        await steady.receive_until(b"joined this chatroom.\n\n")
+        await victim.send(chat(0, "victim", "boom", join_id=1))
+        await victim.expect_eof()
+        assert await steady.receive_until(b"\n\n") == broadcast(
+            0, "victim", "victim has left this chatroom."
+        )
+        await steady.send(chat(0, "steady", "still here"))
+        assert await steady.receive_until(b"\n\n") == broadcast(0, "steady", "still here")
+        await steady.barrier()
+        assert len(server.connections) == 1
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None
+    assert "injected bug" in caplog.text

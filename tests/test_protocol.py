@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_chat.protocol import (
+    NEED_DATA,
+    TURN_OVER,
     Chat,
     Disconnect,
     ErrorCode,
@@ -22,6 +24,8 @@ from trio_chat.protocol import (
     ProtocolError,
     Request,
     RequestParser,
+    RequestReader,
+    Signal,
     Unknown,
     encode_chat,
     encode_error,
@@ -46,9 +50,27 @@ def _comparable(event: Event) -> Parsed:
 
 
 def parse(chunks: Iterable[bytes], *, max_line: int = BIG, max_message: int = BIG) -> list[Parsed]:
-    """Every event the chunks produce, in order, as a client's connection would see them."""
-    buffer = LineBuffer(max_line)
-    parser = RequestParser(max_message)
+    """Every event the chunks produce, in order, as a client's connection would see them;
+    error 4, which ends the connection, is raised."""
+    reader = RequestReader(max_line=max_line, max_message=max_message)
+    events: list[Parsed] = []
+    for chunk in chunks:
+        reader.receive_data(chunk)
+        while (event := reader.next_event()) is not NEED_DATA:
+            if event is TURN_OVER:
+                continue
+            assert not isinstance(event, Signal)
+            if isinstance(event, ProtocolError) and event.closes_connection:
+                raise event
+            events.append(_comparable(event))
+    return events
+
+
+def parse_lines(chunks: Iterable[bytes]) -> list[Parsed]:
+    """Every event the chunks produce through `LineBuffer` and `RequestParser` alone, which
+    (unlike a connection's reader) go on parsing after DISCONNECT."""
+    buffer = LineBuffer(BIG)
+    parser = RequestParser(BIG)
     events: list[Parsed] = []
     for chunk in chunks:
         for line in buffer.feed(chunk):
@@ -571,7 +593,19 @@ def test_round_trip(session: tuple[list[Request], bytes], data: st.DataObject) -
     """Requests rendered as a client sends them and cut into random chunks parse back equal."""
     sent, wire = session
     points = data.draw(st.lists(st.integers(0, len(wire)), max_size=20).map(sorted))
-    assert parse(split_at(wire, points)) == sent
+    assert parse_lines(split_at(wire, points)) == sent
+
+
+@settings(deadline=None)
+@given(sessions(), st.data())
+def test_reader_round_trip(session: tuple[list[Request], bytes], data: st.DataObject) -> None:
+    """Through the reader, requests cut into random chunks parse back equal up to the first
+    DISCONNECT, and after it only KILL_SERVICE counts."""
+    sent, wire = session
+    points = data.draw(st.lists(st.integers(0, len(wire)), max_size=20).map(sorted))
+    cut = next((i + 1 for i, r in enumerate(sent) if isinstance(r, Disconnect)), len(sent))
+    expected = sent[:cut] + [r for r in sent[cut:] if isinstance(r, KillService)]
+    assert parse(split_at(wire, points)) == expected
 
 
 # Lines that name no request: they start with a lower-case letter, and keys are upper-case.
@@ -618,7 +652,7 @@ def test_round_trip_with_bad_input(
     """Unknown lines and malformed requests among good ones each give their one event, in order."""
     expected, wire = session
     points = data.draw(st.lists(st.integers(0, len(wire)), max_size=20).map(sorted))
-    assert parse(split_at(wire, points)) == expected
+    assert parse_lines(split_at(wire, points)) == expected
 
 
 # -- encoders --------------------------------------------------------------------------------
@@ -776,3 +810,116 @@ def test_plain_chat_gives_what_line_by_line_parsing_gives(
         return
     chat, end = found
     assert line_by_line(data[:end], max_message, max_name) == [chat]
+
+
+# -- the request reader: turns and the closing state -------------------------------------------
+
+
+def drain(reader: RequestReader) -> list[Parsed | Signal]:
+    """What the reader gives until it needs data, turn signals included."""
+    out: list[Parsed | Signal] = []
+    while (event := reader.next_event()) is not NEED_DATA:
+        out.append(event if isinstance(event, Signal) else _comparable(event))
+    return out
+
+
+def test_reader_gives_a_turn_every_lines_per_turn_lines() -> None:
+    """After `lines_per_turn` lines the reader signals TURN_OVER, then carries on where it
+    stopped; a plain CHAT counts as its four lines."""
+    reader = RequestReader(max_line=BIG, max_message=BIG, lines_per_turn=4)
+    chat = b"CHAT: 0\nJOIN_ID: 0\nCLIENT_NAME: n\nMESSAGE: m\n\n"
+    reader.receive_data(b"HELO 1\nHELO 2\nHELO 3\nHELO 4\nHELO 5\n" + chat + b"HELO 6\n")
+    assert drain(reader) == [
+        Helo("1"),
+        Helo("2"),
+        Helo("3"),
+        Helo("4"),
+        TURN_OVER,
+        Helo("5"),
+        Chat(0, 0, "n", "m"),
+        TURN_OVER,
+        Helo("6"),
+    ]
+
+
+def test_reader_counts_turns_afresh_for_each_receive() -> None:
+    """The line count starts again with every `receive_data`: a receive is a turn of its own."""
+    reader = RequestReader(max_line=BIG, max_message=BIG, lines_per_turn=2)
+    reader.receive_data(b"HELO 1\n")
+    assert drain(reader) == [Helo("1")]
+    reader.receive_data(b"HELO 2\nHELO 3\n")
+    assert drain(reader) == [Helo("2"), Helo("3")]
+
+
+def test_reader_after_disconnect_gives_only_kill_service() -> None:
+    """After DISCONNECT the reader is closing: requests are dropped, KILL_SERVICE still counts."""
+    reader = RequestReader(max_line=BIG, max_message=BIG)
+    reader.receive_data(
+        b"DISCONNECT: 0\nPORT: 0\nCLIENT_NAME: n\nHELO x\n"
+        b"CHAT: 0\nJOIN_ID: 0\nCLIENT_NAME: n\nMESSAGE: m\n\n KILL_SERVICE \r\nHELO y\n"
+    )
+    assert not reader.closing
+    assert drain(reader) == [Disconnect("n"), KillService()]
+    assert reader.closing
+
+
+def test_reader_after_error_4_drops_input_and_gives_only_kill_service() -> None:
+    """An oversize line gives error 4 once; then input is dropped (oversize lines silently)
+    and only KILL_SERVICE counts."""
+    reader = RequestReader(max_line=16, max_message=BIG)
+    reader.receive_data(b"HELO 123456789abcdef\nHELO x\n" + b"y" * 20 + b"\nKILL_SERVICE\n")
+    assert drain(reader) == [("error", ErrorCode.TOO_LARGE), KillService()]
+    assert reader.closing
+
+
+def test_reader_error_4_before_the_newline_arrives() -> None:
+    """A line refused before its end leaves the reader closing; its rest is dropped."""
+    reader = RequestReader(max_line=16, max_message=BIG)
+    reader.receive_data(b"x" * 20)
+    assert drain(reader) == [("error", ErrorCode.TOO_LARGE)]
+    reader.receive_data(b"xxxx\nHELO x\nKILL_SERVICE\n")
+    assert drain(reader) == [KillService()]
+
+
+def test_reader_oversize_message_is_error_4_then_closing() -> None:
+    """A CHAT message over the limit gives error 4 and nothing after it but KILL_SERVICE."""
+    reader = RequestReader(max_line=BIG, max_message=4)
+    reader.receive_data(b"CHAT: 0\nJOIN_ID: 0\nCLIENT_NAME: n\nMESSAGE: 12345\n\nHELO x\n")
+    assert drain(reader) == [("error", ErrorCode.TOO_LARGE)]
+
+
+def test_reader_gives_both_events_of_a_line_that_ends_a_malformed_request() -> None:
+    """A line that ends a malformed request and starts another gives the error, then its
+    own event, one call each."""
+    reader = RequestReader(max_line=BIG, max_message=BIG)
+    reader.receive_data(b"LEAVE_CHATROOM: 0\nHELO x\n")
+    assert drain(reader) == [MALFORMED, Helo("x")]
+
+
+def test_reader_takes_a_long_line_one_byte_at_a_time() -> None:
+    """A line of the maximum length fed one byte per receive is one line, not refused."""
+    reader = RequestReader(max_line=65536, max_message=BIG)
+    line = b"HELO " + b"x" * (65536 - 5)
+    for i in range(len(line)):
+        reader.receive_data(line[i : i + 1])
+        assert reader.next_event() is NEED_DATA
+    reader.receive_data(b"\r\n")
+    assert drain(reader) == [Helo("x" * (65536 - 5))]
+
+
+PLAIN_AND_NOT = (
+    b"CHAT: 0\nJOIN_ID: 0\nCLIENT_NAME: n\nMESSAGE: one\n\n"
+    b"CHAT: 1\r\nJOIN_ID: 2\r\nCLIENT_NAME: n\r\nMESSAGE: two\r\nlines\r\n\r\n"
+    b"CHAT: 3\nJOIN_ID: 4\nCLIENT_NAME: n\nMESSAGE: three\n\n"
+)
+PLAIN_AND_NOT_EVENTS = [
+    Chat(0, 0, "n", "one"),
+    Chat(1, 2, "n", "two\nlines"),
+    Chat(3, 4, "n", "three"),
+]
+
+
+@pytest.mark.parametrize("point", range(1, len(PLAIN_AND_NOT)))
+def test_reader_plain_and_other_chats_split_at_every_point(point: int) -> None:
+    """Plain CHATs (the shortcut) around one that is not parse the same wherever cut."""
+    assert parse(split_at(PLAIN_AND_NOT, [point])) == PLAIN_AND_NOT_EVENTS
