@@ -397,7 +397,6 @@ async def test_finish_skips_a_socket_the_writer_is_sending_on() -> None:
         theirs.close()
 
 
-
 async def test_writer_cancelled_while_idle_forgets_the_descriptor(
     pair: tuple[StreamTransport, socket.socket],
 ) -> None:
