@@ -1,19 +1,27 @@
-"""The ``trio-chat`` command: argument parsing and logging setup, nothing else."""
+"""The ``trio-chat`` command: argument parsing, logging setup and start-up errors, nothing else.
+
+Every mistake on the command line, and every failure to start, ends in one or two lines on
+stderr that name the option concerned: exit status 2 for a usage error, 1 for a failure at
+run time. A traceback is printed only with ``--log-level DEBUG``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib
 import logging
 import signal
+import socket
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import trio
 
+from trio_chat import __version__
 from trio_chat.config import Config
 from trio_chat.server import ChatServer
-from trio_chat.tools import bench, check, terminal
 
 if TYPE_CHECKING:
     from trio_chat.redis_broker import RedisSettings
@@ -23,61 +31,192 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trio_chat")
 
-LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+E = TypeVar("E", bound=BaseException)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# The tools' commands: name, the module whose ``add_parser`` defines the command, and the
+# line ``trio-chat --help`` shows for it. A tool's module is imported only when its command
+# is the one being run (``serve`` imports none of them).
+TOOLS = {
+    "client": ("trio_chat.tools.terminal", "chat from the terminal"),
+    "check": (
+        "trio_chat.tools.check",
+        "check that a server (any implementation) follows the protocol",
+    ),
+    "bench": (
+        "trio_chat.tools.bench",
+        "measure fan-out against a running server, checking every delivery",
+    ),
+}
+
+EXTRA_HINT = "pip install 'trio-chat[redis]'"
+"""How to install what ``--redis`` needs; named when it is missing."""
+
+
+class StartupError(Exception):
+    """The server could not start, for a reason the message names (exit status 1)."""
+
+
+# -- option types: each names the problem; argparse adds the option's name -----------------
+
+
+def port_number(text: str) -> int:
+    """A TCP port: an integer from 0 to 65535 (0: any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535, not {value}")
+    return value
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An option type for a number of `kind` that must be greater than zero."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse calls the type in its own messages
+    return parse
+
+
+def log_level(text: str) -> str:
+    """A logging threshold, in either case."""
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, not {text!r}")
+    return text.upper()
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``trio-chat`` command.
+
+    Given the command line `argv`, only the tool it runs is imported and given its full
+    parser; the other tools are listed by name. Without `argv`, every tool's parser is built.
+    """
+    parser = argparse.ArgumentParser(
+        prog="trio-chat",
+        description="A chat-room server on trio, speaking the JOIN_CHATROOM line protocol, "
+        "with a terminal client, a conformance checker and a fan-out benchmark.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_log_level(parser, default="INFO")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Each command adds its own parser and sets ``run``: a function of the parsed arguments
+    # that returns the exit status (and raises ValueError for a usage error).
+    _serve_parser(commands)
+    wanted = set(TOOLS) if argv is None else {_command_in(argv)}
+    for name, (module, help_text) in TOOLS.items():
+        if name in wanted:
+            importlib.import_module(module).add_parser(commands)
+        else:
+            commands.add_parser(name, help=help_text)
+    # The log level may also follow the command: ``trio-chat serve --log-level DEBUG``.
+    for command in commands.choices.values():
+        _add_log_level(command, default=argparse.SUPPRESS)
+    return parser
+
+
+def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--log-level",
+        type=log_level,
+        default=default,
+        metavar="LEVEL",
+        help="logging threshold, one of DEBUG, INFO, WARNING, ERROR: INFO logs connects, "
+        "joins, leaves and disconnects; DEBUG every request, and a traceback with every "
+        "start-up error (default: INFO)",
+    )
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command that `argv` runs: its first word that is not an option or option value."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def _serve_parser(commands: Commands) -> None:
-    defaults = Config()
-    parser = commands.add_parser("serve", help="run the chat server in the foreground")
+    parser = commands.add_parser(
+        "serve",
+        usage="%(prog)s --port PORT [options]",
+        help="run the chat server in the foreground",
+        description="Run the chat server in the foreground until KILL_SERVICE, SIGINT or "
+        "SIGTERM; logs go to stderr. The protocol is described in docs/protocol.md.",
+    )
     parser.set_defaults(run=_run_serve)
-    parser.add_argument("--port", type=int, required=True, help="TCP port (0: any free port)")
-    parser.add_argument("--host", default=None, help="address to listen on (default: all)")
-    parser.add_argument(
-        "--advertise-ip",
-        default=None,
-        help="IP reported by HELO and JOINED (default: the one each client connected to)",
+    _listen_options(parser.add_argument_group("where it listens"))
+    _identity_options(parser.add_argument_group("what it says about itself"))
+    _cluster_options(parser.add_argument_group("several processes as one service"))
+    _limit_options(
+        parser.add_argument_group(
+            "limits and timeouts (docs/protocol.md, Limits; trio_chat/config.py says why)"
+        )
     )
-    parser.add_argument("--student-id", default=defaults.student_id, help="HELO's StudentID")
-    parser.add_argument(
-        "--log-level",
-        choices=LOG_LEVELS,
-        default=argparse.SUPPRESS,
-        help="logging threshold: INFO logs connects, joins, leaves and disconnects; DEBUG "
-        "every request (default: INFO)",
+
+
+ArgumentGroup = argparse._ArgumentGroup
+
+
+def _listen_options(group: ArgumentGroup) -> None:
+    group.add_argument(
+        "--port", type=port_number, required=True, help="TCP port, 0-65535 (0: any free port)"
     )
-    cluster = parser.add_argument_group("several processes as one service")
-    cluster.add_argument(
-        "--redis",
-        metavar="URL",
-        default=None,
-        help="share rooms with other nodes through Redis at URL (redis://HOST:PORT/DB)",
-    )
-    cluster.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="run N processes on the port, sharing rooms through --redis (default: 1)",
-    )
-    cluster.add_argument(
+    group.add_argument("--host", default=None, help="address to listen on (default: all)")
+    group.add_argument(
         "--reuse-port",
         action="store_true",
         help="listen with SO_REUSEPORT (set for each worker by --workers)",
     )
-    cluster.add_argument(
-        "--node-timeout",
-        type=float,
+    # Set by ``--workers`` on each worker's command line: its number, shown in its logs.
+    group.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _identity_options(group: ArgumentGroup) -> None:
+    group.add_argument(
+        "--advertise-ip",
         default=None,
+        help="IP reported by HELO and JOINED (default: the one each client connected to)",
+    )
+    group.add_argument("--student-id", default=Config().student_id, help="HELO's StudentID")
+
+
+def _cluster_options(group: ArgumentGroup) -> None:
+    group.add_argument(
+        "--redis",
+        metavar="URL",
+        default=None,
+        help="share rooms with other nodes through Redis at URL (redis://HOST:PORT/DB); "
+        f"needs the redis extra: {EXTRA_HINT}",
+    )
+    group.add_argument(
+        "--workers",
+        type=positive(int),
+        default=1,
+        metavar="N",
+        help="run N processes on the port, sharing rooms through --redis (default: 1)",
+    )
+    group.add_argument(
+        "--node-timeout",
+        type=positive(float),
+        default=None,
+        metavar="SECONDS",
         help="seconds after which a silent node's members are announced as left (default: 5)",
     )
-    limits = parser.add_argument_group("limits and timeouts (PROTOCOL.md section 6)")
-    for name, help_text in _TUNABLES.items():
-        value = getattr(defaults, name)
-        limits.add_argument(
-            "--" + name.replace("_", "-"),
-            type=float if isinstance(value, float) or value is None else int,
-            default=value,
-            help=f"{help_text} (default: {value})",
-        )
 
 
 # Config fields that are also command-line options, with the option's help text.
@@ -96,27 +235,110 @@ _TUNABLES = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``trio-chat`` command."""
-    parser = argparse.ArgumentParser(
-        prog="trio-chat",
-        description="A chat-room server on trio, speaking the JOIN_CHATROOM line protocol, "
-        "with a terminal client, a conformance checker and a fan-out benchmark.",
+def _limit_options(group: ArgumentGroup) -> None:
+    defaults = Config()
+    for name, help_text in _TUNABLES.items():
+        value = getattr(defaults, name)
+        kind = float if isinstance(value, float) or value is None else int
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            type=positive(kind),
+            default=value,
+            metavar="N" if kind is int else "SECONDS",
+            help=f"{help_text} (default: {'off' if value is None else value})",
+        )
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``trio-chat`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    command_parser = _subparser(parser, args.command)
+    if unknown:  # reported by the command's parser, with the command's usage
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.argv = argv
+    _setup_logging(args.log_level, getattr(args, "worker_index", None))
+    try:
+        status: int = args.run(args)
+    except ValueError as exc:  # settings that do not make sense, reported like bad options
+        command_parser.error(str(exc))
+    except StartupError as exc:
+        _fail(command_parser, str(exc))
+    return status
+
+
+def _setup_logging(level: str, worker: int | None) -> None:
+    who = "" if worker is None else f"worker {worker} "
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format=f"%(asctime)s {who}%(levelname)s %(message)s"
     )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging threshold (default: INFO)",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    # Each command adds its own parser and sets ``run``: a function of the parsed arguments
-    # that returns the exit status.
-    _serve_parser(commands)
-    terminal.add_parser(commands)
-    check.add_parser(commands)
-    bench.add_parser(commands)
+    # coredis reports each first use of a Lua script at INFO; only its problems matter here.
+    logging.getLogger("coredis").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
     return parser
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Report a failure at run time, as ``PROG: error: MESSAGE``, and exit with status 1."""
+    parser.exit(1, f"{parser.prog}: error: {message}\n")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    redis = redis_settings_from_args(args)
+    if args.workers > 1 and args.worker_index is None:  # a worker never starts workers
+        if redis is None:
+            raise ValueError("--workers needs --redis: the workers share their rooms through it")
+        if config.port == 0:
+            raise ValueError("--workers needs a fixed --port: every worker listens on it")
+        from trio_chat.workers import supervise
+
+        return trio.run(supervise, args.argv, args.workers)
+    try:
+        trio.run(run_server, config, redis)
+    except BaseExceptionGroup as group:
+        failure = only(group, StartupError)
+        if failure is None:
+            raise
+        raise failure from None
+    return 0
+
+
+def only(exc: BaseException, kind: type[E]) -> E | None:
+    """`exc` if it is a `kind`, or the first of a group made of nothing else; else None."""
+    if isinstance(exc, BaseExceptionGroup):
+        matched, others = exc.split(kind)
+        if matched is None or others is not None:
+            return None
+        leaf: BaseException = matched
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        exc = leaf
+    return exc if isinstance(exc, kind) else None
+
+
+def describe_listen_error(config: Config, error: OSError) -> str:
+    """One line saying why the server could not listen, naming the option to change."""
+    where = f"{config.host or 'every address'} port {config.port}"
+    if isinstance(error, socket.gaierror):
+        return f"--host {config.host}: no such host or address ({error.strerror})"
+    if error.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: the port is in use (choose another --port)"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: --host {config.host} is not an address of this machine"
+    if error.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (--port below 1024 needs privileges)"
+    return f"cannot listen on {where} (--host, --port): {error.strerror or error}"
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -132,12 +354,31 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
+def redis_settings_from_args(args: argparse.Namespace) -> RedisSettings | None:
+    """The Redis settings named on the command line, or None for a single process."""
+    if args.redis is None:
+        return None
+    try:
+        from trio_chat.redis_broker import RedisSettings
+    except ModuleNotFoundError as exc:  # the "redis" extra is not installed
+        raise StartupError(
+            f"--redis needs the redis extra, which is not installed (no module {exc.name!r}); "
+            f"install it with: {EXTRA_HINT}"
+        ) from None
+    if args.node_timeout is None:
+        return RedisSettings(url=args.redis)
+    interval = min(RedisSettings(url=args.redis).heartbeat_interval, args.node_timeout / 3)
+    return RedisSettings(
+        url=args.redis, heartbeat_ttl=args.node_timeout, heartbeat_interval=interval
+    )
+
+
 async def run_server(config: Config, redis: RedisSettings | None = None) -> None:
     """Serve until KILL_SERVICE, SIGINT or SIGTERM; each ends the process cleanly."""
     if redis is None:
         await _serve_until_signalled(ChatServer(config))
     else:
-        from trio_chat.redis_broker import RedisBroker  # needs the "redis" extra
+        from trio_chat.redis_broker import RedisBroker
 
         async with RedisBroker.connect(redis) as broker:
             await _serve_until_signalled(ChatServer(config, broker))
@@ -152,64 +393,16 @@ async def _serve_until_signalled(server: ChatServer) -> None:
                 async for signum in signals:
                     server.shutdown(signal.Signals(signum).name, everywhere=False)
 
+            async def serve(task_status: trio.TaskStatus[object]) -> None:
+                await server.serve(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
             nursery.start_soon(stop_on_signal)
-            await server.serve()
-            nursery.cancel_scope.cancel()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``trio-chat`` command; returns the exit status."""
-    parser = build_parser()
-    # Accept the log level after the subcommand too: ``trio-chat serve --log-level DEBUG``.
-    args, rest = parser.parse_known_args(argv)
-    if rest:
-        extra = argparse.ArgumentParser(add_help=False)
-        extra.add_argument("--log-level", choices=LOG_LEVELS)
-        more, unknown = extra.parse_known_args(rest)
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        args.log_level = more.log_level or args.log_level
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
-    )
-    # coredis reports each first use of a Lua script at INFO; only its problems matter here.
-    logging.getLogger("coredis").setLevel(
-        max(logging.WARNING, logging.getLevelName(args.log_level))
-    )
-    try:
-        status: int = args.run(args)
-    except ValueError as exc:  # settings that do not make sense, reported like bad options
-        parser.error(str(exc))
-    return status
-
-
-def _run_serve(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    if args.workers > 1:
-        if args.redis is None:
-            raise ValueError("--workers needs --redis: the workers share their rooms through it")
-        if config.port == 0:
-            raise ValueError("--workers needs a fixed --port: every worker listens on it")
-        from trio_chat.workers import supervise
-
-        return trio.run(supervise, sys.argv[1:], args.workers)
-    trio.run(run_server, config, redis_settings_from_args(args))
-    return 0
-
-
-def redis_settings_from_args(args: argparse.Namespace) -> RedisSettings | None:
-    """The Redis settings named on the command line, or None for a single process."""
-    if args.redis is None:
-        return None
-    from trio_chat.redis_broker import RedisSettings
-
-    if args.node_timeout is None:
-        return RedisSettings(url=args.redis)
-    if args.node_timeout <= 0:
-        raise ValueError("--node-timeout must be positive")
-    interval = min(RedisSettings(url=args.redis).heartbeat_interval, args.node_timeout / 3)
-    return RedisSettings(
-        url=args.redis, heartbeat_ttl=args.node_timeout, heartbeat_interval=interval
-    )
+            try:
+                await nursery.start(serve)
+            except (OSError, BaseExceptionGroup) as exc:
+                error = only(exc, OSError)
+                if error is None:
+                    raise
+                log.debug("the server could not listen", exc_info=error)
+                raise StartupError(describe_listen_error(server.config, error)) from None

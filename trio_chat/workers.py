@@ -21,8 +21,9 @@ log = logging.getLogger("trio_chat")
 STOP_GRACE = 5.0
 
 
-def worker_argv(argv: Sequence[str]) -> list[str]:
-    """The command line of one worker: the parent's, without ``--workers``, with reuse-port."""
+def worker_argv(argv: Sequence[str], index: int) -> list[str]:
+    """The command line of worker `index`: the parent's, without ``--workers``, with
+    ``--reuse-port`` and the worker's number (which its log lines carry)."""
     command: list[str] = []
     skip = False
     for arg in argv:
@@ -32,33 +33,37 @@ def worker_argv(argv: Sequence[str]) -> list[str]:
             skip = True
         elif not arg.startswith("--workers="):
             command.append(arg)
-    return [sys.executable, "-m", "trio_chat", *command, "--reuse-port"]
+    return [
+        *(sys.executable, "-m", "trio_chat"),
+        *command,
+        *("--reuse-port", "--worker-index", str(index)),
+    ]
 
 
 async def supervise(argv: Sequence[str], count: int) -> int:
-    """Run `count` workers until one ends; then stop the rest. Returns the first status."""
-    command = worker_argv(argv)
+    """Run `count` workers on the command line `argv` (the parent's, without the program
+    name) until one ends; then stop the rest. Returns the first one's exit status."""
     first_status: list[int] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             processes = []
-            for _ in range(count):
-                processes.append(await trio.lowlevel.open_process(command))
-            log.info("started %d workers: %s", count, " ".join(str(p.pid) for p in processes))
+            for index in range(1, count + 1):
+                processes.append(await trio.lowlevel.open_process(worker_argv(argv, index)))
+                log.info("started worker %d: process %d", index, processes[-1].pid)
 
-            async def watch(process: trio.Process) -> None:
+            async def watch(index: int, process: trio.Process) -> None:
                 status = await process.wait()
                 if not first_status:
                     first_status.append(status)
-                    log.info("worker %d exited with status %d", process.pid, status)
+                    log.info("worker %d exited with status %d", index, status)
                 nursery.cancel_scope.cancel()
 
             async def forward_signals() -> None:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
 
-            for process in processes:
-                nursery.start_soon(watch, process)
+            for index, process in enumerate(processes, start=1):
+                nursery.start_soon(watch, index, process)
             nursery.start_soon(forward_signals)
         with trio.CancelScope(shield=True):
             await _stop_all(processes)

@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from attrs import define, evolve, field, frozen
 
 if TYPE_CHECKING:
-    from trio_chat.cli import Commands
+    # The subparsers object of the ``trio-chat`` command (argparse keeps the name private).
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 # -- what to run -------------------------------------------------------------------------------
 
