@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import trio
 
@@ -35,7 +35,8 @@ from trio_chat.rooms import Session
 from trio_chat.transport import Transport, display_ip
 
 if TYPE_CHECKING:
-    from trio_chat.server import ChatServer
+    from trio_chat.broker import Broker
+    from trio_chat.config import Config
 
 log = logging.getLogger("trio_chat")
 
@@ -47,10 +48,22 @@ UNKNOWN_LINES_LOGGED = 10
 Ending = Literal["eof", "idle", "disconnect", "too_large", "broken", "too slow", "error"]
 
 
+class Service(Protocol):
+    """What a connection needs of the server that accepted it (a `ChatServer`)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def broker(self) -> Broker: ...
+
+    def shutdown(self, reason: str, *, everywhere: bool = True) -> None: ...
+
+
 class Connection:
     """One client: a reader that dispatches requests and a writer that sends replies."""
 
-    def __init__(self, server: ChatServer, transport: Transport) -> None:
+    def __init__(self, server: Service, transport: Transport) -> None:
         self.server = server
         self.config = config = server.config
         self.transport = transport
