@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -71,9 +72,27 @@ class RedisProcess:
         except OSError:
             return False
 
+    def command(self, *parts: str) -> bytes:
+        """Send one command from a connection of its own; the start of the raw reply."""
+        request = b"".join(b"$%d\r\n%s\r\n" % (len(part), part.encode()) for part in parts)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"*%d\r\n" % len(parts) + request)
+            return sock.recv(65536)
+
+    def pause(self) -> None:
+        """Stop the process (SIGSTOP): connections stay open and nothing is answered."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused process go on (SIGCONT), with everything sent meanwhile."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """Kill the server at once, as a crash would."""
         if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a paused process is killed too
             self.process.kill()
             self.process.wait()
             self.process = None

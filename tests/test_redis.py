@@ -22,7 +22,7 @@ import trio
 from tests.chatclient import Client, free_port
 from tests.redisserver import RedisProcess
 from trio_chat.config import Config
-from trio_chat.redis_broker import RedisBroker, RedisSettings
+from trio_chat.redis import RedisBroker, RedisSettings
 from trio_chat.server import serve
 
 # How long a test waits for the cluster to notice a change (Redis down or back, a node
@@ -353,3 +353,158 @@ async def test_workers_share_one_port_and_stop_together(
     finally:
         supervisor.kill()
         await supervisor.wait()
+
+
+# -- faults: each asserts from the clients' side that every message arrives once, in one
+# order, and that every request is answered. Pauses are short (about 2 s) but longer than the
+# nodes' command timeout, so publishes time out and are retried while Redis is stopped.
+PAUSE = 2.0
+
+
+def messages(data: bytes) -> list[bytes]:
+    """The MESSAGE lines of a client's stream, in order."""
+    return [line for line in data.split(b"\n") if line.startswith(b"MESSAGE: ")]
+
+
+async def start_nodes(
+    nursery: trio.Nursery, redis: RedisProcess, count: int = 2
+) -> list[tuple[int, RedisBroker]]:
+    return [await nursery.start(run_node, settings(redis)) for _ in range(count)]
+
+
+async def members_of(
+    room: str, nodes: list[tuple[int, RedisBroker]], connect: Connector, names: list[str]
+) -> list[Client]:
+    """One client per name, alternating over the nodes, each joined to `room` and caught up
+    with the announcements of those who joined after it."""
+    clients = []
+    for index, name in enumerate(names):
+        client = await connect(nodes[index % len(nodes)][0])
+        await client.send(join_text(room, name))
+        await client.receive_until(f"MESSAGE: {name} has joined this chatroom.\n\n".encode())
+        clients.append(client)
+    for index, client in enumerate(clients):
+        for later in names[index + 1 :]:
+            await client.receive_until(f"MESSAGE: {later} has joined this chatroom.\n\n".encode())
+    return clients
+
+
+async def test_redis_paused_during_chat_delivers_each_message_once_in_one_order(
+    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+) -> None:
+    """Redis stopped (SIGSTOP) and continued while a member chats: every message reaches
+    every member on both nodes exactly once and in one order, or its sender got error 6."""
+    nodes = await start_nodes(nursery, redis)
+    sender, *others = await members_of("talk", nodes, connect, ["s", "b1", "a1", "b2"])
+    count = 120
+
+    async def chat() -> None:
+        for n in range(count):
+            await sender.send(chat_text(0, 0, "s", f"m{n}"))
+            await trio.sleep(0.03)  # a steady stream that the pause falls into
+
+    async with trio.open_nursery() as chatting:
+        chatting.start_soon(chat)
+        await trio.sleep(0.8)
+        redis.pause()
+        await trio.sleep(PAUSE)
+        redis.resume()
+    with trio.fail_after(NOTICE_TIMEOUT):
+        for _port, broker in nodes:
+            await broker.wait_available(True)
+    await sender.send(chat_text(0, 0, "s", "end"))
+    received = [await member.receive_until(b"MESSAGE: end\n\n") for member in [sender, *others]]
+    seen = messages(received[0])
+    assert all(messages(data) == seen for data in received)
+    numbers = [int(line.removeprefix(b"MESSAGE: m")) for line in seen[:-1]]
+    assert numbers == sorted(set(numbers))  # in order, none twice
+    refused = received[0].count(b"ERROR_CODE: 6\n")
+    assert len(numbers) + refused == count
+    for member in [sender, *others]:
+        await member.barrier()
+
+
+async def test_redis_paused_during_joins_every_join_is_answered_and_no_node_exits(
+    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+) -> None:
+    """JOINs sent while Redis is stopped get JOINED or error 6, each exactly once; the nodes
+    keep serving throughout and afterwards."""
+    nodes = await start_nodes(nursery, redis)
+    clients = [await connect(port) for port, _broker in nodes * 3]
+    rooms = 8
+
+    async def join_rooms(index: int, client: Client) -> None:
+        for room in range(rooms):
+            await client.send(join_text(f"room{room}", f"c{index}"))
+            await trio.sleep(0.15)
+
+    async with trio.open_nursery() as joining:
+        for index, client in enumerate(clients):
+            joining.start_soon(join_rooms, index, client)
+        await trio.sleep(0.4)
+        redis.pause()
+        await trio.sleep(PAUSE)
+        redis.resume()
+    for index, client in enumerate(clients):
+        await client.send("HELO after\n")  # answered after every earlier reply
+        data = await client.receive_until(b"HELO after\n")
+        joined_count = data.count(b"JOINED_CHATROOM: ")
+        own_announcements = data.count(b"MESSAGE: c%d has joined this chatroom.\n" % index)
+        assert joined_count + data.count(b"ERROR_CODE: 6\n") == rooms
+        assert own_announcements == joined_count
+        await client.receive_until(b"StudentID:node\n")
+    with trio.fail_after(NOTICE_TIMEOUT):
+        for _port, broker in nodes:
+            await broker.wait_available(True)
+    late = await connect(nodes[1][0])
+    await late.send(join_text("room0", "late"))
+    await late.receive_until(b"MESSAGE: late has joined this chatroom.\n\n")
+
+
+async def test_subscriber_killed_by_redis_during_a_burst_loses_nothing(
+    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+) -> None:
+    """CLIENT KILL TYPE pubsub in the middle of a burst: each node notices, renews its
+    subscriptions and reads what it missed from the room's log; replies keep coming."""
+    nodes = await start_nodes(nursery, redis)
+    sender, *others = await members_of("burst", nodes, connect, ["s", "b1", "a1"])
+    count = 400
+    await sender.send("".join(chat_text(0, 0, "s", f"m{n}") for n in range(count // 2)))
+    await others[0].receive_until(b"MESSAGE: m10\n\n")
+    assert b"kill" not in redis.command("CLIENT", "KILL", "TYPE", "pubsub").lower()
+    await sender.send("".join(chat_text(0, 0, "s", f"m{n}") for n in range(count // 2, count)))
+    for member in [sender, *others]:
+        data = await member.receive_until(b"MESSAGE: m%d\n\n" % (count - 1))
+        numbers = [int(line.removeprefix(b"MESSAGE: m")) for line in messages(data)]
+        assert numbers[-1] == count - 1
+        assert numbers == list(range(numbers[0], count))
+        await member.barrier()
+    joiner = await connect(nodes[1][0])
+    await joiner.send(join_text("after", "j"))
+    await joiner.expect(joined("after", nodes[1][0], 1, 3, "j"))
+
+
+async def test_a_node_subscribes_only_to_rooms_where_it_has_members(
+    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+) -> None:
+    """Interest routing: node B receives a room's channel only between its first member's
+    JOIN and its last member's departure."""
+    (port_a, broker_a), (port_b, broker_b) = await start_nodes(nursery, redis)
+    alice = await connect(port_a)
+    await alice.send(join_text("a-only", "alice"))
+    await alice.expect(joined("a-only", port_a, 0, 0, "alice"))
+    channel = broker_a.keys.channel(0)
+    assert channel in broker_a.subscriber.confirmed
+    assert channel not in broker_b.subscriber.channels
+    bob = await connect(port_b)
+    await bob.send(join_text("a-only", "bob"))
+    await bob.expect(joined("a-only", port_b, 0, 1, "bob"))
+    assert channel in broker_b.subscriber.confirmed
+    await bob.send("LEAVE_CHATROOM: 0\nJOIN_ID: 1\nCLIENT_NAME: bob\n")
+    await bob.expect(
+        "LEFT_CHATROOM: 0\nJOIN_ID: 1\n" + broadcast(0, "bob", "bob has left this chatroom.")
+    )
+    assert channel not in broker_b.subscriber.channels
+    await alice.send(chat_text(0, 0, "alice", "only A hears this"))
+    await alice.receive_until(b"only A hears this\n\n")
+    await bob.expect_nothing()

@@ -24,7 +24,7 @@ from trio_chat.config import Config
 from trio_chat.server import ChatServer
 
 if TYPE_CHECKING:
-    from trio_chat.redis_broker import RedisSettings
+    from trio_chat.redis import RedisSettings
 
     # The subparsers object each command adds its parser to (argparse keeps the name private).
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -359,7 +359,7 @@ def redis_settings_from_args(args: argparse.Namespace) -> RedisSettings | None:
     if args.redis is None:
         return None
     try:
-        from trio_chat.redis_broker import RedisSettings
+        from trio_chat.redis import RedisSettings
     except ModuleNotFoundError as exc:  # the "redis" extra is not installed
         raise StartupError(
             f"--redis needs the redis extra, which is not installed (no module {exc.name!r}); "
@@ -378,9 +378,10 @@ async def run_server(config: Config, redis: RedisSettings | None = None) -> None
     if redis is None:
         await _serve_until_signalled(ChatServer(config))
     else:
-        from trio_chat.redis_broker import RedisBroker
+        from trio_chat.broker import registry_for
+        from trio_chat.redis import RedisBroker
 
-        async with RedisBroker.connect(redis) as broker:
+        async with RedisBroker.connect(redis, registry_for(config)) as broker:
             await _serve_until_signalled(ChatServer(config, broker))
 
 

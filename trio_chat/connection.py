@@ -186,25 +186,19 @@ class Connection:
         self._cancel_scope.cancel()
 
     def _leave_all(self) -> None:
-        outcome = self.broker.registry.disconnect(self.session)
-        if outcome.events:
-            self.broker.publish(outcome.events)
+        self.broker.disconnect(self.session)
 
     def _handle(self, event: Event) -> None:
         """Carry out one request other than JOIN."""
         if self._debug:
             log.debug("%s: %r", self.peer, event)
-        registry = self.broker.registry
         try:
             if type(event) is Chat:
-                self.broker.check_available()
-                outcome = registry.chat(
-                    self.session, event.room_ref, event.client_name, event.message
-                )
+                self.broker.chat(self.session, event)
             elif type(event) is Leave:
-                self.broker.check_available()
-                outcome = registry.leave(self.session, event.room_ref, event.join_id)
-                if outcome.events:
+                was_member = event.room_ref in self.session.rooms
+                self.broker.leave(self.session, event)
+                if was_member:
                     log.info("%s left room %d", self.peer, event.room_ref)
             elif type(event) is Helo:
                 config = self.config
@@ -235,27 +229,13 @@ class Connection:
                 log.info("%s: %s; closing", self.peer, error.description)
                 self.ending = "too_large"
                 self._close_gracefully()
-            return
-        if outcome.reply is not None:
-            self._reply(outcome.reply)
-        if outcome.events:
-            self.broker.publish(outcome.events)
 
     async def _join(self, request: Join) -> None:
         if self._debug:
             log.debug("%s: %r", self.peer, request)
         try:
-            outcome = await self.broker.join(
-                self.session,
-                request.room_name,
-                request.client_name,
-                server_ip=self.ip,
-                server_port=self.port,
-            )
+            await self.broker.join(self.session, request, server_ip=self.ip, server_port=self.port)
         except ProtocolError as error:
             self._reply(protocol.encode_error(error))
             return
         log.info("%s joined %r as %r", self.peer, request.room_name, request.client_name)
-        if outcome.reply is not None:
-            self._reply(outcome.reply)
-        self.broker.publish(outcome.events)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from trio_chat.broker import Broker, LocalBroker
+from trio_chat.broker import Broker, LocalBroker, registry_for
 from trio_chat.config import Config
 from trio_chat.connection import Connection
 from trio_chat.transport import StreamTransport, Transport
@@ -39,13 +39,13 @@ class ChatServer:
     """One server process: its settings, its broker, and the scope that KILL_SERVICE cancels."""
 
     config: Config
-    broker: Broker = attrs.field(factory=LocalBroker)
+    broker: Broker = attrs.field(
+        default=attrs.Factory(lambda self: LocalBroker(registry_for(self.config)), takes_self=True)
+    )
     shutdown_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     connections: set[Connection] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.broker.registry.max_rooms_per_session = self.config.max_rooms_per_connection
-        self.broker.registry.max_rooms = self.config.max_rooms
         self.broker.on_kill = functools.partial(self.shutdown, everywhere=False)
 
     def shutdown(self, reason: str, *, everywhere: bool = True) -> None:
@@ -162,7 +162,7 @@ async def serve(
     Reports the bound listeners through `task_status`, so callers can use port 0 and learn
     the port with ``listeners[0].socket.getsockname()``.
     """
-    server = ChatServer(config, broker if broker is not None else LocalBroker())
+    server = ChatServer(config) if broker is None else ChatServer(config, broker)
     await server.serve(task_status=task_status)
 
 
