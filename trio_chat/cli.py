@@ -162,6 +162,7 @@ def _serve_parser(commands: Commands) -> None:
     _listen_options(parser.add_argument_group("where it listens"))
     _identity_options(parser.add_argument_group("what it says about itself"))
     _cluster_options(parser.add_argument_group("several processes as one service"))
+    _web_options(parser.add_argument_group("chat from a browser (docs/web.md)"))
     _limit_options(
         parser.add_argument_group(
             "limits and timeouts (docs/protocol.md, Limits; trio_chat/config.py says why)"
@@ -219,6 +220,26 @@ def _cluster_options(group: ArgumentGroup) -> None:
     )
 
 
+def _web_options(group: ArgumentGroup) -> None:
+    group.add_argument(
+        "--web-port",
+        type=port_number,
+        default=None,
+        help="serve the chat page at http://HOST:PORT/ and its WebSocket at /ws (0: any free "
+        "port; default: no web door)",
+    )
+    group.add_argument(
+        "--web-host", default=None, help="address the web door listens on (default: --host)"
+    )
+    group.add_argument(
+        "--web-origins",
+        metavar="ORIGIN[,ORIGIN...]",
+        default="",
+        help="other sites' pages (scheme://host[:port]) that may open the WebSocket, or '*' "
+        "for any; the server's own page always may (default: only it)",
+    )
+
+
 # Config fields that are also command-line options, with the option's help text.
 _TUNABLES = {
     "max_line": "longest request line, bytes",
@@ -232,6 +253,9 @@ _TUNABLES = {
     "disconnect_grace": "seconds to flush and drain when a connection closes",
     "idle_timeout": "close connections silent this many seconds; off unless set",
     "accept_retry_delay": "seconds to pause when accept runs out of descriptors",
+    "web_request_timeout": "seconds a web connection has to send each HTTP request head",
+    "web_max_request_head": "longest HTTP request head, bytes",
+    "web_max_message": "longest WebSocket message from a client, bytes",
 }
 
 
@@ -350,6 +374,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         reuse_port=args.reuse_port,
         advertise_ip=args.advertise_ip,
         student_id=args.student_id,
+        web_port=args.web_port,
+        web_host=args.web_host,
+        web_origins=tuple(o.strip() for o in args.web_origins.split(",") if o.strip()),
         **tunables,
     )
 

@@ -21,6 +21,13 @@ def _positive_or_none(instance: object, attribute: object, value: float | None) 
         _positive(instance, attribute, value)
 
 
+def _origins(instance: object, attribute: object, value: tuple[str, ...]) -> None:
+    for origin in value:
+        scheme, _, rest = origin.partition("://")
+        if origin != "*" and (scheme not in ("http", "https") or not rest or "/" in rest):
+            raise ValueError(f"web origin {origin!r} is not '*' or scheme://host[:port]")
+
+
 @frozen(kw_only=True)
 class Config:
     """The settings of one server process; every limit of PROTOCOL.md section 6 is here."""
@@ -78,3 +85,27 @@ class Config:
     accept_retry_delay: float = field(default=0.1, validator=_positive)
     """Pause before accepting again after the process ran out of file descriptors or memory,
     so a full table does not turn the accept loop into a busy spin."""
+
+    # -- the web door: HTTP and WebSocket (PROTOCOL.md section 7) --------------------------------
+    web_port: int | None = None
+    """TCP port of the web door (the chat page at ``/`` and the WebSocket at ``/ws``); None
+    opens no web door, 0 picks a free port."""
+    web_host: str | None = None
+    """Address the web door listens on; None listens where `host` says."""
+    web_origins: tuple[str, ...] = field(default=(), validator=_origins)
+    """Origins (``scheme://host[:port]``) of other sites' pages that may open the WebSocket,
+    besides the server's own page, which always may; ``*`` allows any page. The check keeps
+    other sites from chatting through their visitors' browsers; clients that are not
+    browsers send no Origin and are not checked."""
+    web_request_timeout: float = field(default=10.0, validator=_positive)
+    """Time a web connection has to deliver each complete HTTP request head, from connecting
+    or from the previous response: a page load takes milliseconds, and a connection that
+    trickles its headers (or idles between requests) must not hold a slot for ever."""
+    web_max_request_head: int = field(default=16 * KIB, validator=_positive)
+    """Longest HTTP request line and headers together, in bytes (more: 431). Browsers send a
+    few hundred bytes to this server, which sets no cookies."""
+    web_max_message: int = field(default=256 * KIB, validator=_positive)
+    """Longest WebSocket message from a client, in bytes (more: close code 1009). Text is fed
+    to the request parser as it arrives, so this is not a buffer: it keeps one message within
+    sight of the protocol's own limits while leaving room for the largest CHAT request (a
+    `max_message` text plus its header lines) and a few small requests pipelined with it."""

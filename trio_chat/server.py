@@ -13,7 +13,7 @@ import errno
 import functools
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -22,6 +22,7 @@ from trio_chat.broker import Broker, LocalBroker, registry_for
 from trio_chat.config import Config
 from trio_chat.connection import Connection
 from trio_chat.transport import StreamTransport, Transport
+from trio_chat.web import WebDoor
 
 log = logging.getLogger("trio_chat")
 
@@ -44,6 +45,8 @@ class ChatServer:
     )
     shutdown_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     connections: set[Connection] = attrs.field(factory=set, init=False)
+    web_listeners: list[trio.SocketListener] = attrs.field(factory=list, init=False)
+    """The web door's listeners while it serves (none without `Config.web_port`)."""
 
     def __attrs_post_init__(self) -> None:
         self.broker.on_kill = functools.partial(self.shutdown, everywhere=False)
@@ -90,29 +93,59 @@ class ChatServer:
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen as the config says and serve until `shutdown`; see the function `serve`."""
-        listeners = await open_listeners(self.config)
+        """Listen as the config says and serve until `shutdown`; see the function `serve`.
+
+        With `Config.web_port`, the web door listens too (see `web_listeners`).
+        """
+        config = self.config
+        listeners = await open_listeners(config)
+        web_listeners: list[trio.SocketListener] = []
+        try:
+            if config.web_port is not None:
+                web_listeners = await open_listeners(
+                    config, host=config.web_host, port=config.web_port
+                )
+        except BaseException:
+            for listener in listeners:
+                listener.socket.close()
+            raise
         for listener in listeners:
             address = listener.socket.getsockname()
             log.info("listening on %s port %d", address[0], address[1])
-        await self.serve_listeners(listeners, task_status=task_status)
+        for listener in web_listeners:
+            address = listener.socket.getsockname()
+            log.info("chat page and WebSocket on %s port %d", address[0], address[1])
+        await self.serve_listeners(listeners, web_listeners, task_status=task_status)
 
     async def serve_listeners(
         self,
         listeners: list[trio.SocketListener],
+        web_listeners: Sequence[trio.SocketListener] = (),
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept on every listener until `shutdown`; at most `max_connections` at once."""
+        """Accept on every listener until `shutdown`; at most `max_connections` at once,
+        whichever door they came through. Reports the plain `listeners` through
+        `task_status`; the web door's are in `web_listeners` by then."""
         slots = trio.Semaphore(self.config.max_connections)
+        self.web_listeners = list(web_listeners)
+        door = WebDoor(self)
         with self.shutdown_scope:
             async with trio.open_nursery() as nursery:
                 for listener in listeners:
-                    nursery.start_soon(self._accept_loop, listener, slots, nursery)
+                    serve = self._serve_socket
+                    nursery.start_soon(self._accept_loop, listener, slots, nursery, serve)
+                for listener in web_listeners:
+                    serve = door.serve_socket
+                    nursery.start_soon(self._accept_loop, listener, slots, nursery, serve)
                 task_status.started(listeners)
 
     async def _accept_loop(
-        self, listener: trio.SocketListener, slots: trio.Semaphore, nursery: trio.Nursery
+        self,
+        listener: trio.SocketListener,
+        slots: trio.Semaphore,
+        nursery: trio.Nursery,
+        serve_socket: Callable[[trio.SocketStream], Awaitable[None]],
     ) -> None:
         failures = 0  # accepts failed in a row for want of descriptors or memory
         async with listener:
@@ -137,18 +170,26 @@ class ChatServer:
                 if failures:
                     log.info("accepting again after %d failed attempts", failures)
                     failures = 0
-                nursery.start_soon(self._serve_socket, stream, slots.release)
+                nursery.start_soon(_holding_slot, serve_socket, stream, slots.release)
 
-    async def _serve_socket(self, stream: trio.SocketStream, release: Callable[[], None]) -> None:
+    async def _serve_socket(self, stream: trio.SocketStream) -> None:
         try:
-            try:
-                transport = StreamTransport.from_socket(stream, stream)
-            except OSError:  # the client is already gone
-                await trio.aclose_forcefully(stream)
-                return
-            await self.serve_transport(transport)
-        finally:
-            release()
+            transport = StreamTransport.from_socket(stream, stream)
+        except OSError:  # the client is already gone
+            await trio.aclose_forcefully(stream)
+            return
+        await self.serve_transport(transport)
+
+
+async def _holding_slot(
+    serve_socket: Callable[[trio.SocketStream], Awaitable[None]],
+    stream: trio.SocketStream,
+    release: Callable[[], None],
+) -> None:
+    try:
+        await serve_socket(stream)
+    finally:
+        release()
 
 
 async def serve(
@@ -166,15 +207,20 @@ async def serve(
     await server.serve(task_status=task_status)
 
 
-async def open_listeners(config: Config) -> list[trio.SocketListener]:
-    """Bound, listening sockets for `config`; with `reuse_port`, one shareable IPv4 socket."""
+async def open_listeners(
+    config: Config, *, host: str | None = None, port: int | None = None
+) -> list[trio.SocketListener]:
+    """Bound, listening sockets on `host` and `port` (by default the config's `host` and
+    `port`); with `reuse_port`, one shareable IPv4 socket."""
+    host = config.host if host is None else host
+    port = config.port if port is None else port
     if not config.reuse_port:
-        return await trio.open_tcp_listeners(config.port, host=config.host)
+        return await trio.open_tcp_listeners(port, host=host)
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
     try:
         sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
         sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
-        await sock.bind((config.host or "0.0.0.0", config.port))
+        await sock.bind((host or "0.0.0.0", port))
         sock.listen(socket.SOMAXCONN)
     except BaseException:
         sock.close()
