@@ -102,8 +102,9 @@ class Config:
     or from the previous response: a page load takes milliseconds, and a connection that
     trickles its headers (or idles between requests) must not hold a slot for ever."""
     web_max_request_head: int = field(default=16 * KIB, validator=_positive)
-    """Longest HTTP request line and headers together, in bytes (more: 431). Browsers send a
-    few hundred bytes to this server, which sets no cookies."""
+    """Most bytes of an HTTP request head (request line and headers) held while it is still
+    incomplete (more: 431). Browsers send a few hundred bytes to this server, which sets no
+    cookies."""
     web_max_message: int = field(default=256 * KIB, validator=_positive)
     """Longest WebSocket message from a client, in bytes (more: close code 1009). Text is fed
     to the request parser as it arrives, so this is not a buffer: it keeps one message within

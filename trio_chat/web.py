@@ -330,14 +330,19 @@ class WebDoor:
             await trio.aclose_forcefully(stream)
             return
         peer = f"{display_ip(peer_address[0])}:{peer_address[1]}"
-        upgrade = await self.handle_http(stream, peer)
+        try:
+            upgrade = await self.handle_http(stream, peer)
+        except Exception:  # a bug: it ends this connection only, never the server
+            log.exception("%s: unexpected error in the web door; closing", peer)
+            await trio.aclose_forcefully(stream)
+            return
         if upgrade is not None:
             transport = WebSocketTransport(
                 stream, upgrade.connection, self.config, local=(local[0], local[1]), peer=peer
             )
             await self.server.serve_transport(transport)
 
-    async def handle_http(self, stream: trio.SocketStream, peer: str) -> Upgrade | None:
+    async def handle_http(self, stream: trio.abc.HalfCloseableStream, peer: str) -> Upgrade | None:
         """Answer requests on `stream` until it closes or asks for a WebSocket.
 
         Returns the accepted WebSocket (its handshake already sent, the stream now the
@@ -381,7 +386,7 @@ class WebDoor:
         return None
 
     async def _next_request(
-        self, http: h11.Connection, stream: trio.SocketStream
+        self, http: h11.Connection, stream: trio.abc.HalfCloseableStream
     ) -> h11.Request | None:
         """The next complete request head and its end (GET has no body), or None at EOF."""
         request: h11.Request | None = None
@@ -394,7 +399,7 @@ class WebDoor:
                 if event is h11.NEED_DATA:
                     if request is not None and http.their_state is h11.SEND_BODY:
                         return request  # a body follows: answered, then the connection ends
-                    http.receive_data(await stream.receive_some(self.config.receive_size))
+                    http.receive_data(bytes(await stream.receive_some(self.config.receive_size)))
                 elif isinstance(event, h11.Request):
                     request = event
                 elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
@@ -408,7 +413,7 @@ class WebDoor:
             return None  # an idle keep-alive connection: close it quietly
         raise _BadRequest(http, 408, "the request took too long to arrive")
 
-    async def _close(self, stream: trio.SocketStream) -> None:
+    async def _close(self, stream: trio.abc.HalfCloseableStream) -> None:
         """Half-close, read what the client still sends for a short grace, then close: a
         close with unread input would reset the connection and lose the last response."""
         try:
