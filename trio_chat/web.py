@@ -348,42 +348,49 @@ class WebDoor:
         Returns the accepted WebSocket (its handshake already sent, the stream now the
         WebSocket's), or None once the connection is done and closed.
         """
-        config = self.config
-        http = h11.Connection(h11.SERVER, max_incomplete_event_size=config.web_max_request_head)
+        http = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.config.web_max_request_head
+        )
+        upgrade: Upgrade | None = None
         try:
-            while True:
-                request = await self._next_request(http, stream)
-                if request is None:
-                    break
-                decision = route(request, config)
-                if isinstance(decision, Upgrade):
-                    await stream.send_all(decision.handshake)
-                    leftover, _ = http.trailing_data
-                    if leftover:
-                        decision.connection.receive_data(leftover)
-                    return decision
-                if decision.status >= 400:
-                    log.info(
-                        "%s %s %s: %d",
-                        peer,
-                        request.method.decode(),
-                        request.target.decode("ascii", "replace"),
-                        decision.status,
-                    )
-                for event in decision.events(head_only=request.method == b"HEAD"):
-                    data = http.send(event)
-                    if data:
-                        await stream.send_all(data)
-                if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
-                    break  # a closing response, or a request with a body: not worth reading
-                http.start_next_cycle()
-        except _BadRequest as exc:
-            await stream.send_all(exc.data)
+            try:
+                upgrade = await self._answer_requests(http, stream, peer)
+            except _BadRequest as exc:
+                await stream.send_all(exc.data)
+            if upgrade is None:
+                await self._close(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await trio.aclose_forcefully(stream)
-            return None
-        await self._close(stream)
-        return None
+            pass
+        finally:
+            if upgrade is None:  # also when cancelled (shutdown)
+                await trio.aclose_forcefully(stream)
+        return upgrade
+
+    async def _answer_requests(
+        self, http: h11.Connection, stream: trio.abc.HalfCloseableStream, peer: str
+    ) -> Upgrade | None:
+        """Answer requests until the connection should close (None) or becomes a WebSocket."""
+        while True:
+            request = await self._next_request(http, stream)
+            if request is None:
+                return None
+            decision = route(request, self.config)
+            if isinstance(decision, Upgrade):
+                await stream.send_all(decision.handshake)
+                leftover, _ = http.trailing_data
+                if leftover:
+                    decision.connection.receive_data(leftover)
+                return decision
+            if decision.status >= 400:
+                target = request.target.decode("ascii", "replace")
+                log.info("%s %s %.80s: %d", peer, request.method.decode(), target, decision.status)
+            for event in decision.events(head_only=request.method == b"HEAD"):
+                data = http.send(event)
+                if data:
+                    await stream.send_all(data)
+            if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+                return None  # a closing response, or a request with a body: not worth reading
+            http.start_next_cycle()
 
     async def _next_request(
         self, http: h11.Connection, stream: trio.abc.HalfCloseableStream

@@ -15,6 +15,7 @@
     byRef: new Map(), // ROOM_REF -> room
     current: null, // the room shown
     wanted: null, // the room the user last asked to join: shown once joined
+    joining: [], // rooms whose JOIN awaits its reply, oldest first
     socket: null,
   };
 
@@ -37,8 +38,11 @@
     return false;
   }
 
-  const requestJoin = (room) =>
-    send(`JOIN_CHATROOM: ${room.name}\nCLIENT_IP: 0\nPORT: 0\nCLIENT_NAME: ${state.name}\n`);
+  function requestJoin(room) {
+    if (send(`JOIN_CHATROOM: ${room.name}\nCLIENT_IP: 0\nPORT: 0\nCLIENT_NAME: ${state.name}\n`)) {
+      state.joining.push(room);
+    }
+  }
 
   const requestLeave = (room) =>
     send(`LEAVE_CHATROOM: ${room.ref}\nJOIN_ID: ${room.joinId}\nCLIENT_NAME: ${state.name}\n`);
@@ -72,6 +76,7 @@
     const { kind, value, fields } = parse(data);
     if (kind === "JOINED_CHATROOM") {
       const room = state.rooms.get(value) || makeRoom(value);
+      state.joining = state.joining.filter((waiting) => waiting !== room);
       if (room.ref !== null) state.byRef.delete(room.ref);
       room.ref = fields.get("ROOM_REF");
       room.joinId = fields.get("JOIN_ID");
@@ -88,7 +93,15 @@
       if (room && room.joined) addLine(room, fields.get("CLIENT_NAME") || "", fields.get("MESSAGE") || "");
     } else if (kind === "ERROR_CODE") {
       const text = `error ${value}: ${fields.get("ERROR_DESCRIPTION") || "no description"}`;
-      banner(`The server says ${text}`, false);
+      // Replies come in request order, and a JOIN fails with these codes: the error is the
+      // answer to the oldest JOIN still waiting, whose room is then dropped.
+      const failed = ["1", "5", "6"].includes(value) ? state.joining.shift() : undefined;
+      if (failed && !failed.joined) {
+        banner(`Could not join ${failed.name}: the server says ${text}`, false);
+        forget(failed);
+      } else {
+        banner(`The server says ${text}`, false);
+      }
       if (state.current) addNote(state.current, text, "error");
     }
     // HELO replies and anything unknown are not the page's business.
@@ -113,6 +126,7 @@
     socket.addEventListener("close", (event) => {
       if (state.socket !== socket) return;
       state.socket = null;
+      state.joining = [];
       for (const room of state.rooms.values()) room.joined = false;
       const why = event.code === 1000 || event.code === 1001 || event.code === 1006
         ? "" : ` (${event.code}${event.reason ? " " + event.reason : ""})`;
