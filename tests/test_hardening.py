@@ -587,8 +587,8 @@ async def test_idle_timeout_closes_a_silent_connection(
 def test_every_limit_and_timeout_is_a_serve_option() -> None:
     """Each Config limit and timeout can be set with a `trio-chat serve` option of its name."""
     fields = [a.name for a in attrs.fields(Config)]
-    limits = [name for name in fields if name.startswith(("max_", "receive_"))]
-    timeouts = ["disconnect_grace", "idle_timeout", "accept_retry_delay"]
+    limits = [name for name in fields if name.startswith(("max_", "receive_", "web_max_"))]
+    timeouts = ["disconnect_grace", "idle_timeout", "accept_retry_delay", "web_request_timeout"]
     assert set(limits + timeouts) == set(_TUNABLES)
     argv = ["serve", "--port", "0"]
     for name in _TUNABLES:
