@@ -238,8 +238,9 @@ class WebSocketTransport:
                     if ws.state is ConnectionState.REMOTE_CLOSING:  # the client closed
                         self._input_over = True
                         await self._send_frame(event.response())
-                    else:  # wsproto's verdict on a malformed frame
-                        await self._refuse(event.code, event.reason or "malformed frame")
+                    else:  # wsproto's verdict: after a malformed frame nothing more parses
+                        reason = event.reason or "malformed frame"
+                        await self._refuse(event.code, reason, await_answer=False)
                     break
             else:
                 data = await self.stream.receive_some(max_bytes)
@@ -249,12 +250,14 @@ class WebSocketTransport:
                 ws.receive_data(data)
         return b""
 
-    async def _refuse(self, code: int, reason: str) -> None:
+    async def _refuse(self, code: int, reason: str, *, await_answer: bool = True) -> None:
         """Close with `code` after the client broke a rule, and wait (within the grace) for
-        its answering close: its input is over either way."""
+        its answering close if it can still be read: its input is over either way."""
         self._input_over = True
         log.info("%s: closing the WebSocket with %d (%s)", self.peer, code, reason)
         await self._send_frame(CloseConnection(code=code, reason=reason))
+        if not await_answer:
+            return
         ws = self._ws
         with trio.move_on_after(self._config.disconnect_grace):
             while ws.state is ConnectionState.LOCAL_CLOSING:
