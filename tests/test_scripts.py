@@ -20,6 +20,7 @@ from tests.chatclient import (
     joined_announcement,
     joined_reply,
 )
+from tests.wsclient import WebSocketClient, fetch
 from trio_chat.config import Config
 
 START = Path(__file__).resolve().parent.parent / "scripts" / "start.sh"
@@ -164,6 +165,46 @@ async def test_options_reach_the_server(nursery: trio.Nursery, tmp_path: Path) -
             with trio.fail_after(KILL_EXIT_TIMEOUT):
                 assert await server.wait_for_exit() == 0
         assert b"DEBUG" in server.stderr
+        server.assert_clean_stderr()
+
+
+async def test_web_port_serves_the_page_and_websocket_members(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """``start.sh PORT --web-port WEB`` (the README's browser command) serves the chat page,
+    and a WebSocket member chats with a TCP member in one room."""
+    web_port = free_port()
+    async with start_server(nursery, tmp_path, "--web-port", str(web_port)) as server:
+        with trio.fail_after(START_TIMEOUT):
+            while True:  # the web door opens just after the TCP port
+                try:
+                    [(status, _, page)] = await fetch(web_port, "/?name=ann&room=lobby")
+                    break
+                except OSError:
+                    await trio.sleep(CONNECT_RETRY_DELAY)
+        assert status == 200
+        assert b'id="log"' in page
+        web = await WebSocketClient.connect(web_port)
+        async with await Client.connect(server.port) as telnet:
+            await telnet.send(join_request("lobby", "tom"))
+            await telnet.expect(
+                joined_reply("lobby", "127.0.0.1", server.port, 0, 0)
+                + joined_announcement(0, "tom")
+            )
+            await web.send_text(join_request("lobby", "ann"))
+            await web.expect(
+                joined_reply("lobby", "127.0.0.1", web_port, 0, 1), joined_announcement(0, "ann")
+            )
+            await telnet.expect(joined_announcement(0, "ann"))
+            await web.send_text("CHAT: 0\nJOIN_ID: 1\nCLIENT_NAME: ann\nMESSAGE: hi tom\n\n")
+            said = "CHAT: 0\nCLIENT_NAME: ann\nMESSAGE: hi tom\n\n"
+            await web.expect(said)
+            await telnet.expect(said)
+            await telnet.send("KILL_SERVICE\n")
+            with trio.fail_after(KILL_EXIT_TIMEOUT):
+                assert await server.wait_for_exit() == 0
+            assert await web.expect_close() == 1001
+        await web.stream.aclose()
         server.assert_clean_stderr()
 
 

@@ -19,6 +19,7 @@ import trio.testing
 
 from tests.chatclient import Client
 from tests.wsclient import Closed, Rejected, WebSocketClient, exchange, fetch
+from trio_chat.cli import build_parser, config_from_args
 from trio_chat.config import Config
 from trio_chat.server import ChatServer
 from trio_chat.web import Response, WebDoor, origin_allowed, route, static_file
@@ -479,3 +480,13 @@ async def test_websocket_closed_by_client_ends_quietly(running: Running) -> None
     with pytest.raises(Closed) as closed:
         await web.receive()
     assert closed.value.code == 1000  # the server's answer echoes the client's code
+
+
+def test_web_options_reach_the_config() -> None:
+    """--web-port, --web-host and a comma-separated --web-origins become Config settings."""
+    argv = ["serve", "--port", "7000", "--web-port", "8080", "--web-host", "127.0.0.1"]
+    argv += ["--web-origins", "https://chat.example.org, http://localhost:3000"]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert (config.web_port, config.web_host) == (8080, "127.0.0.1")
+    assert config.web_origins == ("https://chat.example.org", "http://localhost:3000")
+    assert config_from_args(build_parser().parse_args(argv[:3])).web_port is None
