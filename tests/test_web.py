@@ -8,6 +8,7 @@ plain TCP test client; timeouts are tested over in-memory streams with a virtual
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ import trio
 import trio.testing
 
 from tests.chatclient import Client
+from tests.test_cli import assert_runtime_error, trio_chat_command
 from tests.wsclient import Closed, Rejected, WebSocketClient, exchange, fetch
 from trio_chat.cli import build_parser, config_from_args
 from trio_chat.config import Config
@@ -490,3 +492,14 @@ def test_web_options_reach_the_config() -> None:
     assert (config.web_port, config.web_host) == (8080, "127.0.0.1")
     assert config.web_origins == ("https://chat.example.org", "http://localhost:3000")
     assert config_from_args(build_parser().parse_args(argv[:3])).web_port is None
+
+
+def test_web_port_in_use_is_one_line_naming_web_port() -> None:
+    """A web port another process listens on is reported in one line naming --web-port."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        argv = ("serve", "--host", "127.0.0.1", "--port", "0", "--web-port", port)
+        result = trio_chat_command(*argv)
+    assert_runtime_error(result, "--web-port", "in use", port)

@@ -22,6 +22,7 @@ import trio
 from trio_chat import __version__
 from trio_chat.config import Config
 from trio_chat.server import ChatServer
+from trio_chat.web import WebListenError
 
 if TYPE_CHECKING:
     from trio_chat.redis import RedisSettings
@@ -353,16 +354,25 @@ def only(exc: BaseException, kind: type[E]) -> E | None:
 
 def describe_listen_error(config: Config, error: OSError) -> str:
     """One line saying why the server could not listen, naming the option to change."""
-    where = f"{config.host or 'every address'} port {config.port}"
+    host, port, options = config.host, config.port, ("--host", "--port")
+    if isinstance(error, WebListenError):  # the web door's address, not the chat port's
+        host = config.web_host if config.web_host is not None else config.host
+        port, options = config.web_port or 0, ("--web-host", "--web-port")
+        error = error.error
+    host_option, port_option = options
+    where = f"{host or 'every address'} port {port}"
     if isinstance(error, socket.gaierror):
-        return f"--host {config.host}: no such host or address ({error.strerror})"
+        return f"{host_option} {host}: no such host or address ({error.strerror})"
     if error.errno == errno.EADDRINUSE:
-        return f"cannot listen on {where}: the port is in use (choose another --port)"
+        return f"cannot listen on {where}: the port is in use (choose another {port_option})"
     if error.errno == errno.EADDRNOTAVAIL:
-        return f"cannot listen on {where}: --host {config.host} is not an address of this machine"
+        return f"cannot listen on {where}: {host_option} {host} is not an address of this machine"
     if error.errno == errno.EACCES:
-        return f"cannot listen on {where}: permission denied (--port below 1024 needs privileges)"
-    return f"cannot listen on {where} (--host, --port): {error.strerror or error}"
+        return (
+            f"cannot listen on {where}: permission denied ({port_option} below 1024 needs "
+            "privileges)"
+        )
+    return f"cannot listen on {where} ({host_option}, {port_option}): {error.strerror or error}"
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

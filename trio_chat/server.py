@@ -22,7 +22,7 @@ from trio_chat.broker import Broker, LocalBroker, registry_for
 from trio_chat.config import Config
 from trio_chat.connection import Connection
 from trio_chat.transport import StreamTransport, Transport
-from trio_chat.web import WebDoor
+from trio_chat.web import WebDoor, WebListenError
 
 log = logging.getLogger("trio_chat")
 
@@ -105,6 +105,10 @@ class ChatServer:
                 web_listeners = await open_listeners(
                     config, host=config.web_host, port=config.web_port
                 )
+        except OSError as error:
+            for listener in listeners:
+                listener.socket.close()
+            raise WebListenError(error) from error
         except BaseException:
             for listener in listeners:
                 listener.socket.close()

@@ -174,6 +174,14 @@ def origin_allowed(origin: str, host: str, config: Config) -> bool:
 # -- the trio side ------------------------------------------------------------------------------
 
 
+class WebListenError(OSError):
+    """The web door could not listen: `error` says why (its address, not the chat port's)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror)
+        self.error = error
+
+
 class WebSocketTransport:
     """An accepted WebSocket as the chat server sees a connection: bytes in, messages out.
 
