@@ -201,7 +201,7 @@ async def test_slow_request_head_gets_408_and_idle_connection_closes_quietly(
     """A head still incomplete after web_request_timeout gets 408; a silent connection is
     simply closed."""
     server = ChatServer(Config(web_request_timeout=5.0))
-    door = WebDoor(server)
+    door = WebDoor(server.config, server.serve_transport)
     async with trio.open_nursery() as tasks:
         for sent, expected in ((b"GET / HTTP/1.1\r\nhost:", b"HTTP/1.1 408 "), (b"", b"")):
             client, server_side = trio.testing.memory_stream_pair()

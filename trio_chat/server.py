@@ -133,7 +133,7 @@ class ChatServer:
         `task_status`; the web door's are in `web_listeners` by then."""
         slots = trio.Semaphore(self.config.max_connections)
         self.web_listeners = list(web_listeners)
-        door = WebDoor(self)
+        door = WebDoor(self.config, self.serve_transport)
         with self.shutdown_scope:
             async with trio.open_nursery() as nursery:
                 for listener in listeners:

@@ -17,9 +17,8 @@ import importlib.resources
 import logging
 import os
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING
 
 import h11
 import trio
@@ -40,10 +39,7 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 
 from trio_chat.config import Config
-from trio_chat.transport import display_ip
-
-if TYPE_CHECKING:
-    from trio_chat.server import ChatServer
+from trio_chat.transport import Transport, display_ip
 
 log = logging.getLogger("trio_chat")
 
@@ -325,12 +321,14 @@ class WebSocketTransport:
 
 
 class WebDoor:
-    """Serves connections to the web door: the page over HTTP, and WebSockets into the chat
-    server as members like any other."""
+    """Serves connections to the web door: the page over HTTP, and WebSockets handed to
+    `serve_transport` (the chat server's) as members like any other."""
 
-    def __init__(self, server: ChatServer) -> None:
-        self.server = server
-        self.config = server.config
+    def __init__(
+        self, config: Config, serve_transport: Callable[[Transport], Awaitable[None]]
+    ) -> None:
+        self.config = config
+        self.serve_transport = serve_transport
 
     async def serve_socket(self, stream: trio.SocketStream) -> None:
         """Serve one accepted connection: HTTP, until it ends or becomes a WebSocket."""
@@ -351,7 +349,7 @@ class WebDoor:
             transport = WebSocketTransport(
                 stream, upgrade.connection, self.config, local=(local[0], local[1]), peer=peer
             )
-            await self.server.serve_transport(transport)
+            await self.serve_transport(transport)
 
     async def handle_http(self, stream: trio.abc.HalfCloseableStream, peer: str) -> Upgrade | None:
         """Answer requests on `stream` until it closes or asks for a WebSocket.
