@@ -23,10 +23,16 @@ class Settings:
     """How long to wait for the rest of what PROTOCOL.md describes once a tolerated shorter
     variant has arrived (a LEAVE reply without the leaver's own announcement, in cases not
     about leaving): long enough for a broadcast to cross the nodes of a cluster."""
+    quiet_period: float = 0.25
+    """How long nothing must arrive for the checker to take it that nothing more will: after
+    each step in paced mode, after each probe of the preamble, and, against a server that
+    reads one request per `recv`, before a HELO barrier that follows no reply. Long enough
+    for a local server under load, short enough for a run of a few hundred steps."""
     case_timeout: float = 30.0
     """The most one ordinary case may take, all its steps together."""
     crowd_timeout: float = 60.0
-    """The most the `crowd` case may take: it opens `crowd_size` connections at once."""
+    """The most the `crowd` and `many_connections` cases may take: they open `crowd_size`
+    and `connections` connections at once."""
     flood_timeout: float = 60.0
     """The most the `slow_reader` case may take: it relays `flood_bytes` through the server."""
     room_limit_timeout: float = 60.0
@@ -47,6 +53,9 @@ class Settings:
     """Rooms one connection may be in; `error_5` joins one more."""
 
     # -- load ----------------------------------------------------------------------------------
+    connections: int = 64
+    """Connections the `many_connections` case holds open at once, each sending a HELO: four
+    times the 16 worker threads some servers stop at."""
     crowd_size: int = 200
     """Connections the `crowd` case opens at once, all in one room."""
     flood_bytes: int = 16 * MIB
