@@ -7,8 +7,10 @@ server per fault that the checker's report must name. Each serves on 127.0.0.1, 
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import math
+import sys
 from collections.abc import Iterable
 
 import attrs
@@ -375,3 +377,23 @@ async def start_mini(nursery: trio.Nursery, faults: Faults = Faults()) -> int:
     """Start a MiniServer with `faults` in `nursery`; its port."""
     port: int = await nursery.start(MiniServer(faults).serve)
     return port
+
+
+async def _serve_forever(faults: Faults) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await start_mini(nursery, faults)
+        print(f"serving on 127.0.0.1:{port} with {faults}", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    """Serve a zoo server until interrupted: ``python -m tests.faulty_servers FAULT[=VALUE]...``
+    (a bare fault is switched on; a value is read as a Python literal)."""
+    values: dict[str, object] = {}
+    for argument in argv:
+        name, _, value = argument.partition("=")
+        values[name] = ast.literal_eval(value) if value else True
+    trio.run(_serve_forever, Faults(**values))  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
