@@ -1,9 +1,10 @@
 """Plot fan-out capacity against room size: trio-chat beside ngIRCd, one load generator for both.
 
-    python scripts/plot_fanout.py [--bench-dir ../shared/bench] [--out docs/fanout.png]
+    python scripts/plot_fanout.py --bench-dir DIR [--out docs/fanout.png]
     python scripts/plot_fanout.py --replot          # redraw from docs/fanout.json
 
-Builds the C load generator ``fanout.c`` from --bench-dir, starts trio-chat (this checkout)
+Builds the C load generator ``fanout.c`` from --bench-dir (the outside instrument that
+docs/performance.md describes; it is not part of this repository), starts trio-chat (this checkout)
 and ngIRCd (with --bench-dir's ngircd.conf: flood limits off) on free loopback ports, and
 for each room size runs one room with two senders against each server, alternating servers
 so that drift on a shared machine hits both alike. Writes the figures to a JSON file next to
@@ -153,7 +154,11 @@ def plot(figures: dict[str, object], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bench-dir", type=Path, default=ROOT.parent / "shared" / "bench")
+    parser.add_argument(
+        "--bench-dir",
+        type=Path,
+        help="directory holding fanout.c and ngircd.conf (needed unless --replot)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "fanout.png")
     parser.add_argument("--repeats", type=int, default=3, help="runs per point (median)")
     parser.add_argument("--replot", action="store_true", help="redraw from the JSON file")
@@ -161,6 +166,8 @@ def main() -> None:
     data = args.out.with_suffix(".json")
     if args.replot:
         figures = json.loads(data.read_text())
+    elif args.bench_dir is None:
+        parser.error("--bench-dir DIR is needed to measure; --replot redraws from " + str(data))
     else:
         figures = measure(args.bench_dir, args.repeats)
         data.write_text(json.dumps(figures, indent=1) + "\n")

@@ -213,7 +213,7 @@ async def test_command_prints_json_for_machines_and_a_table_for_people(
 
 
 def test_named_scenarios_match_the_comparison_script() -> None:
-    """big, small and paced are the loads of compare.sh; options override their values."""
+    """big, small and paced are the comparison's loads (docs/performance.md); options override."""
     assert bench.SCENARIOS["big"].expected == 1 * 2 * 2000 * 499
     assert bench.SCENARIOS["small"].expected == 10 * 2 * 2000 * 49
     assert bench.SCENARIOS["paced"].rate == 100
