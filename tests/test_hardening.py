@@ -599,9 +599,13 @@ def test_every_limit_and_timeout_is_a_serve_option() -> None:
 
 
 def test_defaults_are_those_of_protocol_section_6() -> None:
-    """The defaults are PROTOCOL.md's: 64 KiB lines and messages, 1 MiB queue, 10,000, 1,000."""
+    """The defaults are PROTOCOL.md's: 64 KiB messages on lines that leave room for the
+    ``MESSAGE: `` before them, 1 MiB queue, 10,000 connections, 1,000 rooms each."""
     config = Config()
-    assert (config.max_line, config.max_message, config.max_outbound) == (64 * KIB, 64 * KIB, MIB)
+    assert (config.max_message, config.max_outbound) == (64 * KIB, MIB)
+    assert config.max_line == 64 * KIB + len("MESSAGE: ")
+    assert Config(max_message=1000).max_line == 1009
+    assert Config(max_message=1000, max_line=50).max_line == 50
     assert (config.max_connections, config.max_rooms_per_connection) == (10_000, 1_000)
     assert config.idle_timeout is None
 
@@ -744,3 +748,61 @@ async def test_an_unexpected_error_in_one_connection_closes_that_connection_only
     assert len(errors) == 1
     assert errors[0].exc_info is not None
     assert "injected bug" in caplog.text
+
+
+# -- limits that agree, and bodies held as bytes ------------------------------------------------
+
+
+async def test_one_line_message_of_exactly_max_message_is_accepted_at_default_settings() -> None:
+    """At default settings a one-line message of exactly max_message bytes is relayed, and
+    one byte more is refused with error 4: the line limit leaves room for ``MESSAGE: ``."""
+    config = Config()
+    async with memory_server(config) as server:
+        client = server.connect()
+        await client.send(join("r", "n"))
+        await client.receive_until(b"MESSAGE: n has joined this chatroom.\n\n")
+        for size in (config.max_message - 1, config.max_message):
+            message = "m" * size
+            await client.send(chat(0, "n", message) + "HELO x\n")  # CRLF-free: line by line too
+            assert await client.receive_until(b"\n\n") == broadcast(0, "n", message)
+            await client.receive_until(b"StudentID:")
+            await client.receive_until(b"\n")
+        await client.send(chat(0, "n", "m" * (config.max_message + 1)))
+        await expect_error(client, 4)
+        await client.expect_eof()
+
+
+# An unfinished CHAT message of many short lines, as an attacker sends it: about 64 KiB.
+FAT_HEAD = b"CHAT: 0\nJOIN_ID: 0\nCLIENT_NAME: fat\nMESSAGE: ab\n"
+FAT_LINES = b"ab\n" * 21_843
+
+
+async def test_unfinished_multi_line_messages_are_held_in_about_their_size() -> None:
+    """Connections holding unfinished messages of thousands of short lines cost the server
+    less than twice the bytes held, other clients are still served, and each message is
+    read whole once its blank line arrives."""
+    connections = 20
+    async with memory_server(Config()) as server:
+        steady = server.connect("steady")
+        await steady.send(join("r", "steady"))
+        await steady.receive_until(b"has joined this chatroom.\n\n")
+        fat = [server.connect(f"fat{i}") for i in range(connections)]
+        await trio.testing.wait_all_tasks_blocked()
+        tracemalloc.start()
+        try:
+            baseline, _ = tracemalloc.get_traced_memory()
+            for client in fat:
+                await client.send(FAT_HEAD)
+                for start in range(0, len(FAT_LINES), 4 * KIB):
+                    await client.send(FAT_LINES[start : start + 4 * KIB])
+            await trio.testing.wait_all_tasks_blocked()
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        per_connection = (held - baseline) / connections
+        assert per_connection < 2 * (len(FAT_HEAD) + len(FAT_LINES)), per_connection
+        await steady.send(chat(0, "steady", "one\ntwo"))
+        assert await steady.receive_until(b"\n\n") == broadcast(0, "steady", "one\ntwo")
+        await fat[0].send(b"\n")  # the blank line: a whole CHAT, from a non-member
+        await expect_error(fat[0], 3)
+        await fat[0].barrier()

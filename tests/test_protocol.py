@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from trio_chat.protocol import (
     NEED_DATA,
+    NO_SUCH_ID,
     TURN_OVER,
     Chat,
     Disconnect,
@@ -388,18 +389,62 @@ def test_repeated_field_is_error_1() -> None:
     "data",
     [
         b"LEAVE_CHATROOM: zero\nJOIN_ID: 0\nCLIENT_NAME: n\n",
-        b"LEAVE_CHATROOM: 0\nJOIN_ID: -1\nCLIENT_NAME: n\n",
+        b"LEAVE_CHATROOM: 0\nJOIN_ID: +1\nCLIENT_NAME: n\n",
         b"LEAVE_CHATROOM: 1.5\nJOIN_ID: 0\nCLIENT_NAME: n\n",
         b"LEAVE_CHATROOM:\nJOIN_ID: 0\nCLIENT_NAME: n\n",
+        b"LEAVE_CHATROOM: -\nJOIN_ID: 0\nCLIENT_NAME: n\n",
+        b"LEAVE_CHATROOM: 1 2\nJOIN_ID: 0\nCLIENT_NAME: n\n",
         b"CHAT: x\nJOIN_ID: 0\nCLIENT_NAME: n\nMESSAGE: hi\n\n",
         b"CHAT: 0\nJOIN_ID: 0x1\nCLIENT_NAME: n\nMESSAGE: hi\n\n",
-        b"CHAT: 0\nJOIN_ID: 1234567890123456789012\nCLIENT_NAME: n\nMESSAGE: hi\n\n",
+        b"CHAT: --1\nJOIN_ID: 0\nCLIENT_NAME: n\nMESSAGE: hi\n\n",
+        "CHAT: \u0661\nJOIN_ID: 0\nCLIENT_NAME: n\nMESSAGE: hi\n\n".encode(),
     ],
-    ids=["word", "negative", "fraction", "empty", "chat-ref", "hex", "huge"],
+    ids=[
+        "word",
+        "plus",
+        "fraction",
+        "empty",
+        "sign-only",
+        "two",
+        "chat-ref",
+        "hex",
+        "minus-minus",
+        "arabic-digit",
+    ],
 )
 def test_non_integer_field_is_error_1(data: bytes) -> None:
-    """A ROOM_REF or JOIN_ID that is not a non-negative integer is a code 1 error event."""
-    assert parse([data]) == [MALFORMED]
+    """A ROOM_REF or JOIN_ID that is not an optional '-' and decimal digits is error 1, and
+    the next request is read as usual."""
+    assert parse([data + b"HELO x\n"]) == [MALFORMED, Helo("x")]
+
+
+@pytest.mark.parametrize(
+    ("written", "value"),
+    [
+        ("0", 0),
+        ("007", 7),
+        ("-0", 0),
+        ("-1", -1),
+        ("999999999999999999", 10**18 - 1),
+        ("-999999999999999999", -(10**18) + 1),
+        ("0000000000000000000000000000042", 42),
+        ("1000000000000000000", NO_SUCH_ID),
+        ("-1000000000000000000", NO_SUCH_ID),
+        ("1000000000000000000000000000000", NO_SUCH_ID),
+        ("9" * 60_000, NO_SUCH_ID),
+    ],
+)
+def test_integers_of_any_length_and_sign(written: str, value: int) -> None:
+    """Any optional '-' and digits is an integer: up to 18 significant digits it is read as
+    its value, beyond that as NO_SUCH_ID (no identifier is that large); LEAVE keeps the
+    spelling to echo it."""
+    chat = f"CHAT: {written}\nJOIN_ID: {written}\nCLIENT_NAME: n\nMESSAGE: m\n\n"
+    leave = f"LEAVE_CHATROOM: {written}\nJOIN_ID:  {written} \nCLIENT_NAME: n\n"
+    chat_event, leave_event = parse([(chat + leave).encode()])
+    assert chat_event == Chat(value, value, "n", "m")
+    assert leave_event == Leave(value, value, "n")
+    assert isinstance(leave_event, Leave)
+    assert leave_event.written == (written, written)
 
 
 @pytest.mark.parametrize(

@@ -567,6 +567,34 @@ async def test_chat_to_unknown_room_is_error_2(connect_memory: ConnectMemory) ->
     await client.expect_nothing()
 
 
+async def test_integers_at_both_ends_of_every_range(connect_memory: ConnectMemory) -> None:
+    """ROOM_REF: an integer naming no room (negative, one past the last room, beyond any
+    room, of any length) is error 2 for CHAT and the usual LEFT_CHATROOM for LEAVE, which
+    echoes ROOM_REF and JOIN_ID as written; JOIN_ID is never checked, whatever its value."""
+    client = connect_memory()
+    await join(client, "room", "amy", 0, 0)
+    await join(client, "hall", "amy", 1, 0)
+    huge = "1" + "0" * 30
+    for ref in ("0", "000", "-0", "1", "01"):
+        await client.send(chat_request(0, 0, "amy", "hi").replace("CHAT: 0", f"CHAT: {ref}"))
+        room = int(ref)
+        await client.expect(chat_broadcast(room, "amy", "hi"))
+    for ref in ("2", "-1", "999999999999999999", "1000000000000000000", huge, "-" + huge):
+        await client.send(chat_request(0, 0, "amy", "hi").replace("CHAT: 0", f"CHAT: {ref}"))
+        await client.expect_error(2)
+    for join_id in ("-1", "999999999999999999", huge, "-" + huge, "0" * 40):
+        await client.send(chat_request(0, 0, "amy", join_id).replace("ID: 0", f"ID: {join_id}"))
+        await client.expect(chat_broadcast(0, "amy", join_id))
+    for ref, join_id in (("2", "-1"), ("-1", huge), (huge, "007"), ("-" + huge, "0")):
+        request = leave_request(0, 0, "amy")
+        request = request.replace("LEAVE_CHATROOM: 0", f"LEAVE_CHATROOM:  {ref} ")
+        await client.send(request.replace("JOIN_ID: 0", f"JOIN_ID: {join_id}"))
+        await client.expect(f"LEFT_CHATROOM: {ref}\nJOIN_ID: {join_id}\n")
+    await client.send(leave_request(0, 0, "amy").replace("CHATROOM: 0", "CHATROOM: 000"))
+    await client.expect("LEFT_CHATROOM: 000\nJOIN_ID: 0\n" + left_announcement(0, "amy"))
+    await client.expect_nothing()
+
+
 async def test_chat_to_room_not_joined_is_error_3(connect_memory: ConnectMemory) -> None:
     """A CHAT to an existing room the connection is not in gets error 3 and reaches no one."""
     amy, bob = connect_memory(), connect_memory()

@@ -150,7 +150,7 @@ MALFORMED = [
     "JOIN_CHATROOM: \nCLIENT_IP: 0\nPORT: 0\nCLIENT_NAME: n\n",  # empty room name
     "CHAT: zero\nJOIN_ID: 0\nCLIENT_NAME: n\nMESSAGE: m\n\n",  # ROOM_REF not an integer
     "CHAT: 0\nJOIN_ID: 0\nCLIENT_NAME: n\n\n",  # no MESSAGE
-    "LEAVE_CHATROOM: 0\nJOIN_ID: -1\nCLIENT_NAME: n\n",  # JOIN_ID not an integer
+    "LEAVE_CHATROOM: 0\nJOIN_ID: +1\nCLIENT_NAME: n\n",  # JOIN_ID not an integer
     "LEAVE_CHATROOM: 0\nJOIN_ID: 0\nCLIENT_NAME:\n",  # empty client name
     "DISCONNECT: 0\nCLIENT_NAME: n\nCLIENT_NAME: n\n",  # a field twice, PORT missing
 ]

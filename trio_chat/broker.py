@@ -94,7 +94,9 @@ class LocalBroker:
 
     def leave(self, session: Session, request: Leave) -> None:
         """Reply LEFT_CHATROOM, then announce the departure."""
-        outcome = self.registry.leave(session, request.room_ref, request.join_id)
+        outcome = self.registry.leave(
+            session, request.room_ref, request.join_id, written=request.written
+        )
         if outcome.reply is not None:
             session.recipient.push(outcome.reply)
         for event in outcome.events:

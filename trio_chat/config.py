@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from attrs import field, frozen
+from attrs import Factory, field, frozen
 
-from trio_chat.protocol import DEFAULT_MAX_NAME
+from trio_chat.protocol import DEFAULT_MAX_NAME, MESSAGE_PREFIX
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -46,10 +46,15 @@ class Config:
     """The StudentID line of the HELO reply."""
 
     # -- input limits ------------------------------------------------------------------------
-    max_line: int = field(default=64 * KIB, validator=_positive)
-    """Longest request line in bytes; a longer one gets error 4 and the connection closes."""
     max_message: int = field(default=64 * KIB, validator=_positive)
     """Longest CHAT message text in bytes, all its lines together; longer: error 4, close."""
+    max_line: int = field(
+        default=Factory(lambda config: config.max_message + MESSAGE_PREFIX, takes_self=True),
+        validator=_positive,
+    )
+    """Longest request line in bytes; a longer one gets error 4 and the connection closes.
+    By default `max_message` plus the ``MESSAGE: `` before it, so that every message the
+    settings allow can be sent on one line (64 KiB + 9)."""
     receive_size: int = field(default=64 * KIB, validator=_positive)
     """Most bytes taken from a socket in one receive: large enough to take a burst of
     pipelined requests in one call, small enough to bound a connection's transient memory."""

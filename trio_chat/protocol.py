@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from typing import Final
 
-from attrs import frozen
+from attrs import field, frozen
 
 # -- errors ----------------------------------------------------------------------------------
 
@@ -115,11 +115,16 @@ class Join:
 
 @frozen
 class Leave:
-    """``LEAVE_CHATROOM``: leaves the room with `room_ref`."""
+    """``LEAVE_CHATROOM``: leaves the room with `room_ref`.
+
+    `written` is the ROOM_REF and JOIN_ID as the request wrote them, which LEFT_CHATROOM
+    echoes (PROTOCOL.md section 5); requests compare equal whatever their spelling.
+    """
 
     room_ref: int
     join_id: int
     client_name: str
+    written: tuple[str, str] | None = field(default=None, eq=False)
 
 
 @frozen
@@ -169,21 +174,37 @@ _PLAIN_CHAT = re.compile(
 # kept for as long as a room or a membership lasts, so they are bounded well below a line.
 DEFAULT_MAX_NAME = 256
 
-# Identifiers are small non-negative integers; refusing more than 18 digits keeps `int` cheap
-# and every value inside a signed 64-bit range (Redis counters included).
-_INTEGER = re.compile(r"[0-9]{1,18}")
+# A ROOM_REF or JOIN_ID is an optional "-" and one or more decimal digits, of any length
+# (PROTOCOL.md section 5). Identifiers the service assigns are below 10**18, so a value of
+# more significant digits names nothing, and is not converted (that would cost time in the
+# number of digits squared): it becomes NO_SUCH_ID, which names nothing either.
+_INTEGER = re.compile(r"-?[0-9]+")
+_SIGNIFICANT_DIGITS = 18
+NO_SUCH_ID = -1
+"""What a ROOM_REF or JOIN_ID too large to be assigned is read as: it names no room."""
+
+# Bytes before a message's text on its first line: a one-line message of `max_message`
+# bytes needs a line limit this much larger (PROTOCOL.md section 6).
+MESSAGE_PREFIX = len("MESSAGE: ")
 
 
 class _Partial:
     """A multi-line request whose lines are still arriving."""
 
-    __slots__ = ("body", "fields", "kind", "message_bytes")
+    __slots__ = ("body", "crlfs", "fields", "kind", "message_bytes")
 
     def __init__(self, kind: str, value: str) -> None:
         self.kind = kind
         self.fields = {kind: value}
-        self.body: list[str] | None = None  # CHAT only: message lines, once every field is in
-        self.message_bytes = 0
+        # CHAT only, once every field is in: the message's lines after its first, as bytes
+        # received (line ends included), and how many of those line ends are CRLF.
+        self.body: bytearray | None = None
+        self.crlfs = 0
+        self.message_bytes = 0  # of the message's first line, as relayed
+
+
+# After a newline, an empty line: the end of a CHAT message.
+_BLANK_LINE = re.compile(rb"\n\r?\n")
 
 
 class RequestParser:
@@ -208,6 +229,12 @@ class RequestParser:
     def idle(self) -> bool:
         """Whether no request is part-way through: the next line is a request's first."""
         return self._partial is None
+
+    @property
+    def in_body(self) -> bool:
+        """Whether a CHAT has all its fields and waits for the rest of its message: then
+        bytes go to `feed_body`, not lines to `feed_line`."""
+        return self._partial is not None and self._partial.body is not None
 
     def plain_chat(
         self, data: bytes | bytearray, start: int, max_line: int
@@ -238,7 +265,10 @@ class RequestParser:
         if partial is None:
             return self._first_line(raw.decode("utf-8", "replace"))
         if partial.body is not None:
-            return self._body_line(partial, raw)
+            event, _ = self.feed_body(raw + b"\r\n")  # the line as received, whatever its end
+            if type(event) is ProtocolError and event.closes_connection:
+                raise event
+            return () if event is None else (event,)
         line = raw.decode("utf-8", "replace")
         key, colon, value = line.partition(":")
         key = key.strip()
@@ -258,7 +288,7 @@ class RequestParser:
         if len(partial.fields) <= len(_FIELDS[partial.kind]):
             return ()
         if partial.kind == "CHAT":
-            partial.body = [partial.fields["MESSAGE"]]
+            partial.body = bytearray()
             return ()
         self._partial = None
         return (_build(partial.kind, partial.fields, self._max_name),)
@@ -278,26 +308,70 @@ class RequestParser:
             return ()
         return (Unknown(line),)
 
-    def _body_line(self, partial: _Partial, raw: bytes) -> tuple[Event, ...]:
+    def feed_body(self, data: bytes | bytearray, start: int = 0) -> tuple[Event | None, int]:
+        """Take the bytes of a CHAT message (when `in_body`) from `data[start:]`.
+
+        Returns the request and where the bytes after it begin, once the blank line that ends
+        the message has arrived; else None and ``len(data)``, keeping the bytes. A message
+        over the limit gives `ProtocolError` (error 4) as the event, and what it held is
+        dropped. A message is
+        held as the bytes received, in one buffer, and each byte is searched once: time and
+        memory in proportion to its size, whatever its number of lines.
+        """
+        partial = self._partial
+        assert partial is not None
         assert partial.body is not None
-        if raw:
-            text = raw.decode("utf-8", "replace")
-            # "+ 1": the newline that joins this line to the one before it.
-            self._count_message(partial, 1 + (len(raw) if raw.isascii() else len(text.encode())))
-            partial.body.append(text)
-            return ()
+        body = partial.body
+        end = len(data)
+        # A blank line may begin where the held bytes end (or one byte before, if they end
+        # with the CR of a CRLF blank line).
+        found: tuple[int, int] | None = None
+        if not body or body.endswith(b"\n"):
+            if data.startswith(b"\n", start):
+                found = (start, start + 1)
+            elif data.startswith(b"\r\n", start):
+                found = (start, start + 2)
+        elif (body == b"\r" or body.endswith(b"\n\r")) and data.startswith(b"\n", start):
+            del body[-1:]
+            found = (start, start + 1)
+        if found is None and (match := _BLANK_LINE.search(data, start)) is not None:
+            found = (match.start() + 1, match.end())
+        if found is None:
+            if body.endswith(b"\r") and data.startswith(b"\n", start):
+                partial.crlfs += 1
+            partial.crlfs += data.count(b"\r\n", start, end)
+            body += memoryview(data)[start:end]
+            # At least this much is relayed (CRs of CRLFs dropped; invalid UTF-8 only grows).
+            if partial.message_bytes + len(body) - partial.crlfs > self._max_message:
+                return self._too_large(), end
+            return None, end
+        lines_end, rest = found
+        body += memoryview(data)[start:lines_end]
+        message = partial.fields["MESSAGE"]
+        if body:
+            # Each line loses one CR before its LF, as lines always do; the last newline
+            # stands for the one joining the first line to the rest.
+            region = body.replace(b"\r\n", b"\n")
+            text = region[:-1].decode("utf-8", "replace")
+            size = len(region) if region.isascii() else 1 + len(text.encode())
+            if partial.message_bytes + size > self._max_message:
+                return self._too_large(), rest
+            message = f"{message}\n{text}"
         self._partial = None
-        partial.fields["MESSAGE"] = "\n".join(partial.body)
-        return (_build(partial.kind, partial.fields, self._max_name),)
+        partial.fields["MESSAGE"] = message
+        return _build(partial.kind, partial.fields, self._max_name), rest
+
+    def _too_large(self) -> ProtocolError:
+        self._partial = None
+        return ProtocolError(
+            ErrorCode.TOO_LARGE, f"chat message longer than {self._max_message} bytes"
+        )
 
     def _count_message(self, partial: _Partial, size: int) -> None:
         # Counts the text as relayed (UTF-8, invalid bytes replaced), newlines included.
         partial.message_bytes += size
         if partial.message_bytes > self._max_message:
-            self._partial = None
-            raise ProtocolError(
-                ErrorCode.TOO_LARGE, f"chat message longer than {self._max_message} bytes"
-            )
+            raise self._too_large()
 
 
 class Signal(enum.Enum):
@@ -389,20 +463,29 @@ class RequestReader:
             if self._turn >= self._lines_per_turn:
                 self._turn = 0
                 return TURN_OVER
+            parser = self._parser
             if not self._closing and not len(self._buffer):
-                found = self._parser.plain_chat(data, start, self._max_line)
+                found = parser.plain_chat(data, start, self._max_line)
                 if found is not None:
                     chat, self._start = found
                     self._turn += 4
                     return chat
-            # One line at a time, so that the shortcut can be taken again as soon as the
-            # parser is between requests.
-            newline = data.find(b"\n", start)
-            stop = end if newline < 0 else newline + 1
-            piece = data[start:stop] if start or stop < end else data
-            start = self._start = stop
             self._turn += 1
             try:
+                if parser.in_body:
+                    body_event, start = parser.feed_body(data, start)
+                    self._start = start
+                    if body_event is None:
+                        continue
+                    if type(body_event) is ProtocolError and body_event.closes_connection:
+                        raise body_event  # too large: what the message held is dropped
+                    return body_event
+                # One line at a time, so that the shortcut can be taken again as soon as the
+                # parser is between requests.
+                newline = data.find(b"\n", start)
+                stop = end if newline < 0 else newline + 1
+                piece = data[start:stop] if start or stop < end else data
+                start = self._start = stop
                 # `piece` holds at most one newline, so at most one line.
                 for line in list(self._buffer.feed(piece)):
                     if self._closing:
@@ -427,7 +510,11 @@ class RequestReader:
 def _integer(fields: dict[str, str], key: str) -> int:
     value = fields[key]
     if not _INTEGER.fullmatch(value):
-        raise ProtocolError(ErrorCode.MALFORMED, f"{key} must be a non-negative integer")
+        raise ProtocolError(ErrorCode.MALFORMED, f"{key} must be an integer")
+    if len(value) - (value[0] == "-") > _SIGNIFICANT_DIGITS and (
+        len(value.lstrip("-").lstrip("0")) > _SIGNIFICANT_DIGITS
+    ):
+        return NO_SUCH_ID
     return int(value)
 
 
@@ -458,6 +545,7 @@ def _build(kind: str, fields: dict[str, str], max_name: int) -> Event:
                 _integer(fields, "LEAVE_CHATROOM"),
                 _integer(fields, "JOIN_ID"),
                 _name(fields, "CLIENT_NAME", max_name),
+                (fields["LEAVE_CHATROOM"], fields["JOIN_ID"]),
             )
         return Disconnect(_name(fields, "CLIENT_NAME", max_name))
     except ProtocolError as error:
@@ -475,8 +563,8 @@ def encode_joined(room_name: str, server_ip: str, port: int, room_ref: int, join
     ).encode()
 
 
-def encode_left(room_ref: int, join_id: int) -> bytes:
-    """The LEFT_CHATROOM reply."""
+def encode_left(room_ref: int | str, join_id: int | str) -> bytes:
+    """The LEFT_CHATROOM reply (the identifiers as the request wrote them, or as numbers)."""
     return f"LEFT_CHATROOM: {room_ref}\nJOIN_ID: {join_id}\n".encode()
 
 

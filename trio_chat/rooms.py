@@ -172,9 +172,20 @@ class Registry:
             events=(RoomEvent(room_ref, announcement, joining=session, welcome=welcome),)
         )
 
-    def leave(self, session: Session, room_ref: int, join_id: int) -> Outcome:
-        """LEAVE_CHATROOM: the same LEFT reply whether or not the connection is in the room."""
-        reply = protocol.encode_left(room_ref, join_id)
+    def leave(
+        self,
+        session: Session,
+        room_ref: int,
+        join_id: int,
+        *,
+        written: tuple[str, str] | None = None,
+    ) -> Outcome:
+        """LEAVE_CHATROOM: the same LEFT reply whether or not the connection is in the room.
+
+        The reply echoes `written`, the ROOM_REF and JOIN_ID as the request spelled them,
+        when given.
+        """
+        reply = protocol.encode_left(*(written or (room_ref, join_id)))
         name = session.rooms.pop(room_ref, None)
         if name is None:
             return Outcome(reply)
@@ -184,7 +195,9 @@ class Registry:
     def chat(self, session: Session, room_ref: int, client_name: str, message: str) -> Outcome:
         """CHAT: broadcast to every member, the sender included; JOIN_ID is not checked."""
         if room_ref not in self._by_ref:
-            raise ProtocolError(ErrorCode.NO_SUCH_ROOM, f"no room has ROOM_REF {room_ref}")
+            # NO_SUCH_ID stands for a number too large to be any room's: do not name it.
+            which = "that ROOM_REF" if room_ref == protocol.NO_SUCH_ID else f"ROOM_REF {room_ref}"
+            raise ProtocolError(ErrorCode.NO_SUCH_ROOM, f"no room has {which}")
         if room_ref not in session.rooms:
             raise ProtocolError(ErrorCode.NOT_A_MEMBER, f"not a member of room {room_ref}")
         return Outcome(

@@ -21,6 +21,7 @@ import trio
 from trio_chat.broker import Broker, LocalBroker, registry_for
 from trio_chat.config import Config
 from trio_chat.connection import Connection
+from trio_chat.protocol import MESSAGE_PREFIX
 from trio_chat.transport import StreamTransport, Transport
 from trio_chat.web import WebDoor, WebListenError
 
@@ -98,6 +99,13 @@ class ChatServer:
         With `Config.web_port`, the web door listens too (see `web_listeners`).
         """
         config = self.config
+        if config.max_line < config.max_message + MESSAGE_PREFIX:
+            log.warning(
+                "max_line %d leaves room for one-line messages of %d bytes only (max_message %d)",
+                config.max_line,
+                config.max_line - MESSAGE_PREFIX,
+                config.max_message,
+            )
         listeners = await open_listeners(config)
         web_listeners: list[trio.SocketListener] = []
         try:

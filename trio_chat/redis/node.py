@@ -329,7 +329,9 @@ class RedisBroker(Delivery):
     def leave(self, session: Session, request: Leave) -> None:
         """Reply LEFT_CHATROOM, then announce the departure through the room's channel."""
         self._check_available()
-        outcome = self.registry.leave(session, request.room_ref, request.join_id)
+        outcome = self.registry.leave(
+            session, request.room_ref, request.join_id, written=request.written
+        )
         if outcome.reply is not None:
             self.reply(session, outcome.reply)
         self._publish(outcome.events)
