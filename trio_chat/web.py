@@ -15,6 +15,7 @@ import contextlib
 import functools
 import importlib.resources
 import logging
+import math
 import os
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
@@ -308,14 +309,17 @@ class WebSocketTransport:
         await self._send_frame(CloseConnection(code=CloseReason.NORMAL_CLOSURE))
 
     async def aclose(self) -> None:
-        """Close at once. If the WebSocket is still open (the service is shutting down),
-        first try one non-blocking write of a close frame (1001), so that a browser tells
-        its user the server went away instead of showing a broken connection."""
+        """Close at once. A WebSocket still open gets one non-blocking try at a close frame
+        first: 1001 when the service is stopping (this runs cancelled), else 1000, so that a
+        browser tells its user why rather than showing a broken connection."""
         if self._ws.state is ConnectionState.OPEN and not self._torn:
-            self.sent_close_code = CloseReason.GOING_AWAY
-            goodbye = self._ws.send(CloseConnection(CloseReason.GOING_AWAY, "server stopping"))
+            if trio.current_effective_deadline() == -math.inf:  # shutdown
+                goodbye = CloseConnection(CloseReason.GOING_AWAY, "server stopping")
+            else:
+                goodbye = CloseConnection(CloseReason.NORMAL_CLOSURE)
+            self.sent_close_code = goodbye.code
             with contextlib.suppress(OSError):
-                os.write(self.stream.socket.fileno(), goodbye)
+                os.write(self.stream.socket.fileno(), self._ws.send(goodbye))
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await trio.aclose_forcefully(self.stream)
 
