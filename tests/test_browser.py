@@ -229,6 +229,8 @@ async def test_rooms_errors_and_a_server_restart(
     assert await in_thread(lambda: browser.find_element(By.ID, "reconnect").is_displayed())
     assert not await in_thread(lambda: browser.find_element(By.ID, "message").is_enabled())
 
+    await in_thread(lambda: browser.find_element(By.ID, "reconnect").click())
+    await in_thread(wait_for_text, browser, "banner", "Could not connect to the server")
     await servers(web_port, max_name=16)  # back, with no rooms yet
     await in_thread(lambda: browser.find_element(By.ID, "reconnect").click())
     await in_thread(wait_for_status, browser, "connected")

@@ -186,9 +186,10 @@ class WebSocketTransport:
     frames arrive (a message may hold part of a request, one, or several), and ``b""`` once
     the client closed, the socket ended, or the client broke a rule of the door: a binary
     message (close code 1003), a message over `web_max_message` (1009), a malformed frame or
-    invalid UTF-8 (wsproto's code: 1002 or 1007). After such a close it first waits, within
-    `disconnect_grace`, for the client's answering close, so the client reads the code before
-    the socket goes. `send` sends each reply or broadcast as one text message.
+    invalid UTF-8 (wsproto's code: 1002 or 1007). After a binary or oversized message it
+    first waits, within `disconnect_grace`, for the client's answering close, so the client
+    reads the code before the socket goes (after a malformed frame nothing more can be
+    parsed, so it does not wait). `send` sends each reply or broadcast as one text message.
 
     The reader and the writer both send (pongs and closes from one, messages from the
     other), so every send goes through one lock, and frames are built inside it, in the

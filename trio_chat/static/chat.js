@@ -112,9 +112,11 @@
   function connect() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const socket = new WebSocket(`${scheme}//${location.host}/ws`);
+    let opened = false;
     state.socket = socket;
     status("connecting");
     socket.addEventListener("open", () => {
+      opened = true;
       status("connected");
       hideBanner();
       for (const room of state.rooms.values()) requestJoin(room);
@@ -131,8 +133,12 @@
       const why = event.code === 1000 || event.code === 1001 || event.code === 1006
         ? "" : ` (${event.code}${event.reason ? " " + event.reason : ""})`;
       status("disconnected");
-      banner(`Connection to the server lost${why}.`, true);
-      for (const room of state.rooms.values()) addNote(room, `connection lost${why}`, "error");
+      if (opened) {
+        banner(`Connection to the server lost${why}.`, true);
+        for (const room of state.rooms.values()) addNote(room, `connection lost${why}`, "error");
+      } else {
+        banner("Could not connect to the server.", true);
+      }
       render();
     });
   }
