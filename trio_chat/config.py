@@ -91,7 +91,7 @@ class Config:
     """Pause before accepting again after the process ran out of file descriptors or memory,
     so a full table does not turn the accept loop into a busy spin."""
 
-    # -- the web door: HTTP and WebSocket (PROTOCOL.md section 7) --------------------------------
+    # -- the web door: HTTP and WebSocket (docs/web.md) -------------------------------------------
     web_port: int | None = None
     """TCP port of the web door (the chat page at ``/`` and the WebSocket at ``/ws``); None
     opens no web door, 0 picks a free port."""

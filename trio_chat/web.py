@@ -6,7 +6,7 @@ what each request gets (`route`, no I/O), serves the page's files shipped in
 transport that the chat server serves like a TCP connection (`WebSocketTransport`): each
 text message from the client is fed to the same request reader as TCP bytes, and each reply
 or broadcast leaves as one text message holding exactly the protocol's bytes
-(PROTOCOL.md section 7).
+(docs/protocol.md, section 7).
 """
 
 from __future__ import annotations
