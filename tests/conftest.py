@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
@@ -14,7 +16,7 @@ import trio.testing
 import trustme
 from hypothesis import HealthCheck, Phase, settings
 
-from tests.chatclient import Client
+from tests.chatclient import RECEIVE_TIMEOUT, Client
 from trio_chat.config import Config
 from trio_chat.server import ChatServer, serve
 
@@ -119,3 +121,37 @@ def tls_files(tls_ca: trustme.CA, tmp_path: Path) -> TLSFiles:
     client_context = ssl.create_default_context()
     tls_ca.configure_trust(client_context)
     return TLSFiles(cert, key, client_context)
+
+
+@asynccontextmanager
+async def running_server(config: Config) -> AsyncIterator[ChatServer]:
+    """A server listening as `config` says (use host 127.0.0.1 and port 0); its `ports`
+    name each listener's port. Stopped at the end of the block."""
+    server = ChatServer(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        yield server
+        server.shutdown("test over")
+
+
+async def connect_tls(port: int, files: TLSFiles, local_address: str | None = None) -> Client:
+    """A client that completes a TLS handshake with the server on 127.0.0.1:`port`."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=local_address)
+    encrypted = trio.SSLStream(stream, files.client_context, server_hostname="127.0.0.1")
+    with trio.fail_after(RECEIVE_TIMEOUT):
+        await encrypted.do_handshake()
+    return Client(encrypted)
+
+
+async def connect_from(port: int, local_address: str) -> Client:
+    """A plain client whose connection comes from `local_address` (e.g. 127.0.0.2)."""
+    return Client(await trio.open_tcp_stream("127.0.0.1", port, local_address=local_address))
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that another socket is listening on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]

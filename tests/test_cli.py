@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,15 +65,6 @@ def assert_runtime_error(result: subprocess.CompletedProcess[str], *words: str) 
     assert lines[0].startswith("trio-chat serve: error: "), result.stderr
     for word in words:
         assert word in lines[0], result.stderr
-
-
-@pytest.fixture
-def busy_port() -> Iterator[int]:
-    """A port on 127.0.0.1 that another socket is listening on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
 
 
 # -- start-up failures -------------------------------------------------------------------------

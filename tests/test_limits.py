@@ -1,9 +1,28 @@
-"""The operator policies' building blocks: address lists, per-address counts, token buckets."""
+"""Operator policies: address lists, per-address counts and token buckets as units, then
+--kill-allow, --max-connections-per-ip, --limit-exempt and flood control in a running server."""
 
 from __future__ import annotations
 
-import pytest
+import logging
+from typing import Any
 
+import pytest
+import trio
+
+from tests.chatclient import (
+    Client,
+    chat_broadcast,
+    chat_request,
+    disconnect_request,
+    helo_reply,
+    join_request,
+    joined_announcement,
+    joined_reply,
+)
+from tests.conftest import connect_from, open_memory_connection, running_server
+from tests.test_cli import assert_usage_error, trio_chat_command
+from trio_chat.cli import build_parser, config_from_args
+from trio_chat.config import Config
 from trio_chat.limits import (
     EVERY_ADDRESS,
     LOCAL_ADDRESSES,
@@ -12,6 +31,7 @@ from trio_chat.limits import (
     TokenBucket,
     address_key,
 )
+from trio_chat.server import ChatServer
 
 # -- AddressSet ---------------------------------------------------------------------------
 
@@ -163,3 +183,232 @@ def test_bucket_rejects_settings_that_cannot_pace(rate: float, burst: float) -> 
     """A rate that is not a positive finite number, or a burst below one, is an error."""
     with pytest.raises(ValueError, match="request"):
         TokenBucket(rate=rate, burst=burst)
+
+
+# -- the policies in a running server (real sockets) -------------------------------------------
+
+# A range no test client comes from: tests of the limits take the local exemption away.
+NOT_LOCAL = AddressSet.parse("192.0.2.0/24")
+
+
+def local_config(**settings: Any) -> Config:
+    """Settings of a server on 127.0.0.1 and a free port."""
+    return Config(host="127.0.0.1", port=0, student_id="limits", **settings)
+
+
+async def test_kill_service_from_anywhere_stops_the_lab_server() -> None:
+    """By default any address may stop the service, as the lab's grader must (127.0.0.2)."""
+    async with trio.open_nursery() as nursery:
+        server = ChatServer(local_config())
+        await nursery.start(server.serve)
+        async with await connect_from(server.ports["plain"], "127.0.0.2") as client:
+            await client.send("KILL_SERVICE\n")
+            await client.expect_eof()
+    assert server.shutdown_scope.cancel_called
+
+
+async def test_kill_service_from_outside_kill_allow_is_an_unknown_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """From 127.0.0.2, outside --kill-allow 127.0.0.1/32, KILL_SERVICE gets no reply, leaves
+    the connection open, is logged at WARNING with the address and counted; from 127.0.0.1 it
+    stops the service."""
+    caplog.set_level(logging.INFO, logger="trio_chat")
+    config = local_config(kill_allow=AddressSet.parse("127.0.0.1/32"))
+    async with trio.open_nursery() as nursery:
+        server = ChatServer(config)
+        await nursery.start(server.serve)
+        port = server.ports["plain"]
+        async with await connect_from(port, "127.0.0.2") as outsider:
+            await outsider.send(join_request("lobby", "eve"))
+            await outsider.expect(joined_reply("lobby", "127.0.0.1", port, 0, 0))
+            await outsider.expect(joined_announcement(0, "eve"))
+            await outsider.send("KILL_SERVICE\n")
+            await outsider.expect_nothing()  # no reply, still served
+            await outsider.send(chat_request(0, 0, "eve", "still on"))
+            await outsider.expect(chat_broadcast(0, "eve", "still on"))
+            assert not server.shutdown_scope.cancel_called
+            [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+            assert "KILL_SERVICE from 127.0.0.2, outside --kill-allow" in warning.getMessage()
+            assert server.counters.kill_refused == 1
+            async with await Client.connect(port) as admin:
+                await admin.send("KILL_SERVICE\n")
+                await admin.expect_eof()
+            await outsider.expect_eof()
+    assert server.shutdown_scope.cancel_called
+
+
+async def test_kill_service_while_closing_from_outside_kill_allow_is_ignored() -> None:
+    """A refused KILL_SERVICE pipelined after DISCONNECT (read during the grace) is still
+    refused: the connection closes as DISCONNECT says and the service goes on."""
+    config = local_config(kill_allow=AddressSet.parse("none"))
+    async with running_server(config) as server:
+        port = server.ports["plain"]
+        async with await Client.connect(port) as client:
+            await client.send(disconnect_request("x") + "KILL_SERVICE\n")
+            await client.expect_eof()
+        async with await Client.connect(port) as other:
+            await other.barrier()
+        assert server.counters.kill_refused == 1
+
+
+async def test_connection_past_the_per_address_limit_gets_error_5(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With --max-connections-per-ip 2, the third connection from 127.0.0.1 gets error 5
+    naming the limit and is closed; 127.0.0.2 and the first two are served as before, and a
+    slot freed is a slot taken again."""
+    caplog.set_level(logging.INFO, logger="trio_chat")
+    config = local_config(max_connections_per_ip=2, limit_exempt=NOT_LOCAL)
+    async with running_server(config) as server:
+        port = server.ports["plain"]
+        first, second = await Client.connect(port), await Client.connect(port)
+        for client in (first, second):
+            await client.barrier()
+        async with await Client.connect(port) as third:
+            await third.send("HELO pipelined before the refusal is read\n")
+            description = await third.expect_error(5)
+            assert "at most 2" in description
+            assert "127.0.0.1" in description
+            await third.expect_eof()
+        async with await Client.connect(port) as fourth:
+            await fourth.expect_error(5)
+            await fourth.expect_eof()
+        async with await connect_from(port, "127.0.0.2") as elsewhere:
+            await elsewhere.barrier()
+        for client in (first, second):
+            await client.barrier()
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1  # once per episode, not once per refused connection
+        assert "refused: too many connections from 127.0.0.1" in warnings[0]
+        assert server.counters.refused == {"per_address": 2}
+        for client in (first, second):
+            await client.aclose()
+
+
+async def test_a_slot_freed_is_a_slot_taken_again() -> None:
+    """Once a connection from an address at its limit has ended, the next one is served."""
+    server = ChatServer(Config(max_connections_per_ip=1))
+    peer = "198.51.100.7:4000"
+    async with trio.open_nursery() as nursery:
+        first, first_done = open_memory_connection(server, nursery, peer=peer)
+        await first.barrier()
+        refused, _ = open_memory_connection(server, nursery, peer="198.51.100.7:4001")
+        await refused.expect_error(5)
+        await first.aclose()
+        await first_done.wait()
+        again, _ = open_memory_connection(server, nursery, peer="198.51.100.7:4002")
+        await again.barrier()
+        nursery.cancel_scope.cancel()
+
+
+async def test_exempt_addresses_are_not_limited() -> None:
+    """Clients from --limit-exempt (127.0.0.0/8 by default) pass the per-address limit."""
+    async with running_server(local_config(max_connections_per_ip=1)) as server:
+        port = server.ports["plain"]
+        clients = [await Client.connect(port) for _ in range(3)]
+        for client in clients:
+            await client.barrier()
+            await client.aclose()
+
+
+async def test_limit_zero_turns_the_limit_off() -> None:
+    """--max-connections-per-ip 0 lets any number through, exempt or not."""
+    config = local_config(max_connections_per_ip=0, limit_exempt=NOT_LOCAL)
+    async with running_server(config) as server:
+        clients = [await Client.connect(server.ports["plain"]) for _ in range(5)]
+        for client in clients:
+            await client.barrier()
+            await client.aclose()
+
+
+# -- flood control -------------------------------------------------------------------------
+
+
+async def test_flooding_connection_is_slowed_beside_a_normal_one() -> None:
+    """A client pipelining 100 requests at 200/s (burst 20) gets every reply, in order, no
+    sooner than the rate allows; a client beside it is answered at once meanwhile."""
+    config = local_config(request_rate=200.0, request_burst=20, limit_exempt=NOT_LOCAL)
+    async with running_server(config) as server:
+        port = server.ports["plain"]
+        async with await Client.connect(port) as flooder, await Client.connect(port) as normal:
+            start = trio.current_time()
+            await flooder.send("".join(f"HELO {i}\n" for i in range(100)))
+            await flooder.expect(helo_reply("0", "127.0.0.1", port, "limits"))
+            await normal.barrier()
+            assert server.counters.throttled_seconds > 0  # the flooder is being held back
+            for i in range(1, 100):
+                await flooder.expect(helo_reply(str(i), "127.0.0.1", port, "limits"))
+            assert trio.current_time() - start >= (100 - 20) / 200
+            await flooder.expect_nothing()
+
+
+async def test_exempt_connections_are_not_paced() -> None:
+    """From --limit-exempt, flood control does not apply."""
+    config = local_config(request_rate=1.0, request_burst=1)
+    async with (
+        running_server(config) as server,
+        await Client.connect(server.ports["plain"]) as client,
+    ):
+        await client.send("HELO a\nHELO b\nHELO c\n")
+        for _ in range(3):
+            await client.receive_until(b"StudentID:limits\n")
+        assert server.counters.throttled_seconds == 0
+
+
+async def test_fakelag_paces_requests_in_virtual_time(autojump_clock: trio.abc.Clock) -> None:
+    """At rate 2/s and burst 1, pipelined requests are answered 0.5 s apart, in order; a
+    plain CHAT counts as one request."""
+    config = Config(request_rate=2.0, request_burst=1)
+    server = ChatServer(config)
+    async with trio.open_nursery() as nursery:
+        client, _ = open_memory_connection(server, nursery, peer="198.51.100.7:4000")
+        start = trio.current_time()
+        await client.send(join_request("r", "n") + chat_request(0, 0, "n", "a"))
+        await client.send(chat_request(0, 0, "n", "b") + "HELO x\n")
+        await client.receive_until(b"JOIN_ID: 0\n")
+        await client.receive_until(b"has joined this chatroom.\n\n")
+        times = [trio.current_time() - start]
+        for marker in (b"MESSAGE: a\n\n", b"MESSAGE: b\n\n", b"StudentID:"):
+            await client.receive_until(marker)
+            times.append(trio.current_time() - start)
+        assert times == pytest.approx([0.0, 0.5, 1.0, 1.5])
+        nursery.cancel_scope.cancel()
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_bad_network_is_a_usage_error_naming_the_option() -> None:
+    """A malformed --kill-allow is the usage line and one line naming the option and item."""
+    result = trio_chat_command("serve", "--port", "0", "--kill-allow", "10.0.0.1/8")
+    assert_usage_error(result, "--kill-allow", "10.0.0.1/8", "did you mean 10.0.0.0/8?")
+
+
+def test_options_reach_the_settings() -> None:
+    """Every option of the policies ends up in Config, 0 turning the address limit off."""
+    argv = [
+        "serve",
+        "--port",
+        "0",
+        "--kill-allow",
+        "10.0.0.0/8,::1",
+        "--limit-exempt",
+        "none",
+        "--max-connections-per-ip",
+        "0",
+        "--request-rate",
+        "2.5",
+        "--request-burst",
+        "4",
+    ]
+    config = config_from_args(build_parser(argv).parse_args(argv))
+    assert str(config.kill_allow) == "10.0.0.0/8,::1/128"
+    assert str(config.limit_exempt) == "none"
+    assert config.max_connections_per_ip == 0
+    assert (config.request_rate, config.burst) == (2.5, 4)
+    defaults = config_from_args(build_parser(argv[:3]).parse_args(argv[:3]))
+    assert defaults.kill_allow == EVERY_ADDRESS
+    assert defaults.limit_exempt == LOCAL_ADDRESSES
+    assert defaults.max_connections_per_ip == 256
+    assert defaults.request_rate is None

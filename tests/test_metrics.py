@@ -3,6 +3,8 @@ endpoint that serves it (over a real socket on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import functools
+import socket
 from collections.abc import Mapping
 
 import attrs
@@ -10,7 +12,18 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from trio_chat.metrics import Counters, Histogram, registry_for, serve_metrics
+from tests.chatclient import Client, chat_broadcast, chat_request, helo_reply, join_request
+from tests.conftest import TLSFiles, connect_from, connect_tls, running_server
+from tests.test_cli import assert_runtime_error, assert_usage_error, trio_chat_command
+from trio_chat.config import KIB, Config
+from trio_chat.limits import AddressSet
+from trio_chat.metrics import (
+    Counters,
+    Histogram,
+    open_metrics_listener,
+    registry_for,
+    serve_metrics,
+)
 
 
 @attrs.define
@@ -22,6 +35,8 @@ class FakeServer:
     rooms: int = 2
     memberships: int = 5
     queued: int = 1234
+    sent: int = 0
+    delivered: int = 0
     available: bool | None = None
     problem: str | None = None
 
@@ -36,6 +51,12 @@ class FakeServer:
 
     def queued_bytes(self) -> int:
         return self.queued
+
+    def sent_bytes(self) -> int:
+        return self.sent
+
+    def deliveries(self) -> int:
+        return self.delivered
 
     def bus_available(self) -> bool | None:
         return self.available
@@ -81,8 +102,8 @@ def test_counters_are_exposed_with_prometheus_names() -> None:
     server = FakeServer()
     counts = server.counters
     counts.requests["CHAT"] += 5
-    counts.deliveries += 50
-    counts.bytes_sent += 4000
+    server.delivered = 50
+    server.sent = 4000
     counts.error(5)
     counts.error(5)
     counts.slow_consumers += 1
@@ -157,10 +178,9 @@ async def http(port: int, request: bytes) -> tuple[str, dict[str, str], bytes]:
 async def endpoint(nursery: trio.Nursery) -> tuple[FakeServer, int]:
     """A FakeServer's metrics served on 127.0.0.1 and a free port."""
     server = FakeServer()
-    listener = await nursery.start(
-        lambda task_status: serve_metrics(
-            server, "127.0.0.1", 0, request_timeout=5, max_clients=4, task_status=task_status
-        )
+    listener = await open_metrics_listener("127.0.0.1", 0)
+    nursery.start_soon(
+        functools.partial(serve_metrics, server, listener, request_timeout=5, max_clients=4)
     )
     return server, listener.socket.getsockname()[1]
 
@@ -168,7 +188,7 @@ async def endpoint(nursery: trio.Nursery) -> tuple[FakeServer, int]:
 async def test_metrics_over_http(endpoint: tuple[FakeServer, int]) -> None:
     """GET /metrics answers Prometheus text with the server's numbers."""
     server, port = endpoint
-    server.counters.deliveries = 9
+    server.delivered = 9
     status, headers, body = await http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == "HTTP/1.1 200 OK"
     assert headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -228,3 +248,145 @@ async def test_a_silent_client_does_not_block_scrapes(endpoint: tuple[FakeServer
     async with await trio.open_tcp_stream("127.0.0.1", port):
         status, _, _ = await http(port, b"GET /healthz HTTP/1.1\r\n\r\n")
     assert status == "HTTP/1.1 200 OK"
+
+
+# -- a running server, after real traffic ------------------------------------------------------
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape_http(port: int) -> Samples:
+    """The samples a GET /metrics on 127.0.0.1:`port` gives."""
+    status, _, body = await http(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+    assert status == "HTTP/1.1 200 OK"
+    return samples(body.decode())
+
+
+def value(got: Samples, name: str, **labels: str) -> float:
+    """One sample's value; absent is a failure, not zero."""
+    return got[(name, tuple(sorted(labels.items())))]
+
+
+async def test_every_metric_after_real_traffic(tls_files: TLSFiles) -> None:
+    """Plain and TLS clients chat, fail, flood, try to stop the service, pass a limit and
+    stop reading; /metrics shows each of those, and /healthz says ok."""
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        tls_port=0,
+        tls_cert=tls_files.cert,
+        tls_key=tls_files.key,
+        metrics_port=0,
+        student_id="m",
+        kill_allow=AddressSet.parse("127.0.0.1/32"),
+        max_connections_per_ip=1,
+        limit_exempt=AddressSet.parse("192.0.2.0/24"),
+        request_rate=1000.0,
+        request_burst=5,
+        max_outbound=64 * KIB,
+    )
+    async with running_server(config) as server:
+        plain, tls, metrics = (server.ports[door] for door in ("plain", "tls", "metrics"))
+        alice = await connect_from(plain, "127.0.0.1")
+        bob = await connect_tls(tls, tls_files, local_address="127.0.0.2")
+        await alice.send(join_request("lobby", "alice"))
+        await alice.receive_until(b"alice has joined this chatroom.\n\n")
+        await bob.send(join_request("lobby", "bob"))
+        for client in (alice, bob):
+            await client.receive_until(b"bob has joined this chatroom.\n\n")
+        got = await scrape_http(metrics)
+        assert value(got, "trio_chat_connections", listener="plain") == 1
+        assert value(got, "trio_chat_connections", listener="tls") == 1
+        assert value(got, "trio_chat_rooms") == 1
+        assert value(got, "trio_chat_memberships") == 2
+        assert value(got, "trio_chat_requests_total", type="JOIN_CHATROOM") == 2
+
+        # Deliveries are counted per event, bytes per write: one CHAT in a room of two.
+        before = got
+        await alice.send(chat_request(0, 0, "alice", "hello"))
+        message = chat_broadcast(0, "alice", "hello").encode()
+        for client in (alice, bob):
+            assert await client.receive_exactly(len(message)) == message
+            await client.barrier()  # its writer has finished (and counted) the send
+        got = await scrape_http(metrics)
+        deliveries = "trio_chat_deliveries_total"
+        assert value(got, deliveries) - value(before, deliveries) == 2
+        helos = [helo_reply("barrier", "127.0.0.1", port, "m") for port in (plain, tls)]
+        sent = value(got, "trio_chat_sent_bytes_total") - value(
+            before, "trio_chat_sent_bytes_total"
+        )
+        assert sent == 2 * len(message) + sum(len(helo) for helo in helos)
+
+        # An error, a refused KILL_SERVICE, a refused connection, a failed handshake, a flood.
+        await alice.send(chat_request(99, 0, "alice", "nowhere"))
+        await alice.expect_error(2)
+        await bob.send("KILL_SERVICE\n")
+        await bob.barrier()
+        async with await connect_from(plain, "127.0.0.1") as second:
+            await second.expect_error(5)
+        async with await Client.connect(tls) as clear:
+            await clear.send("HELO in clear text\n")
+            await clear.expect_eof()
+        await alice.send("".join(f"HELO {i}\n" for i in range(20)))
+        for _ in range(20):
+            await alice.receive_until(b"StudentID:m\n")
+
+        # A member that stops reading: bytes pile up for it, then it is cut off.
+        slow = trio.socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await slow.bind(("127.0.0.3", 0))
+        await slow.connect(("127.0.0.1", plain))
+        async with Client(trio.SocketStream(slow)) as stalled:
+            await stalled.send(join_request("lobby", "slow"))
+            queued: list[float] = []
+            big = "x" * (8 * KIB)
+            for _ in range(200):
+                await alice.send(chat_request(0, 0, "alice", big))
+                await alice.receive_until(b"\n\n")
+                await bob.receive_until(b"\n\n")
+                got = await scrape_http(metrics)
+                queued.append(value(got, "trio_chat_outbound_queued_bytes"))
+                if value(got, "trio_chat_slow_consumer_disconnects_total"):
+                    break
+            assert max(queued) > 0
+            assert value(got, "trio_chat_slow_consumer_disconnects_total") == 1
+
+        assert value(got, "trio_chat_errors_total", code="2") == 1
+        assert value(got, "trio_chat_errors_total", code="5") == 1
+        assert value(got, "trio_chat_kill_service_refused_total") == 1
+        assert value(got, "trio_chat_requests_total", type="KILL_SERVICE") == 1
+        assert value(got, "trio_chat_requests_total", type="HELO") >= 20
+        assert value(got, "trio_chat_requests_total", type="CHAT") >= 3
+        assert value(got, "trio_chat_connections_refused_total", limit="per_address") == 1
+        assert value(got, "trio_chat_tls_handshake_failures_total") == 1
+        assert value(got, "trio_chat_request_throttle_seconds_total") > 0
+        assert value(got, "trio_chat_connections_accepted_total", listener="plain") == 2
+        assert value(got, "trio_chat_connections_accepted_total", listener="tls") == 1
+        assert value(got, "process_open_fds") > 0
+        assert await http(metrics, b"GET /healthz HTTP/1.1\r\n\r\n") == (
+            "HTTP/1.1 200 OK",
+            {
+                "content-type": "text/plain; charset=utf-8",
+                "content-length": "3",
+                "connection": "close",
+            },
+            b"ok\n",
+        )
+        for client in (alice, bob):
+            await client.aclose()
+
+
+def test_metrics_port_in_use_names_the_metrics_port(busy_port: int) -> None:
+    """When the metrics port is taken, the one-line error names --metrics-port."""
+    result = trio_chat_command(
+        "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(busy_port)
+    )
+    assert_runtime_error(result, f"port {busy_port}", "in use", "--metrics-port")
+
+
+def test_metrics_with_workers_is_a_usage_error() -> None:
+    """--metrics-port serves one process; with --workers it is refused, saying what to do."""
+    result = trio_chat_command(
+        "serve", "--port", "7999", "--workers", "2", "--redis", "redis://x", "--metrics-port", "0"
+    )
+    assert_usage_error(result, "--metrics-port", "--workers")

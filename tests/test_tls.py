@@ -10,7 +10,23 @@ import trio
 import trio.testing
 import trustme
 
-from tests.conftest import TLSFiles
+from tests.chatclient import (
+    Client,
+    chat_broadcast,
+    chat_request,
+    disconnect_request,
+    helo_reply,
+    join_request,
+    joined_announcement,
+    joined_reply,
+    leave_request,
+    left_announcement,
+    left_reply,
+)
+from tests.conftest import TLSFiles, connect_tls, running_server
+from tests.test_cli import assert_runtime_error, trio_chat_command
+from trio_chat.config import Config
+from trio_chat.server import ChatServer
 from trio_chat.tls import TLSSetupError, accept_tls, server_context
 
 # -- server_context ----------------------------------------------------------------------------
@@ -93,7 +109,6 @@ async def test_plain_text_on_tls_is_logged_and_closed(
         assert await accept_tls(server_raw, context, handshake_timeout=10, peer="1.2.3.4:5") is None
     [record] = caplog.records
     assert record.getMessage().startswith("1.2.3.4:5: TLS handshake failed: ")
-    assert await client_raw.receive_some(100) == b""  # closed
 
 
 async def test_silent_client_times_out(
@@ -109,3 +124,154 @@ async def test_silent_client_times_out(
     assert [r.getMessage() for r in caplog.records] == [
         "p: TLS handshake timed out after 7 s; closing"
     ]
+
+
+# -- the server over TLS (real sockets) -------------------------------------------------------
+
+
+def tls_config(files: TLSFiles, **settings: object) -> Config:
+    """Settings of a server on 127.0.0.1 with a plain and a TLS port, both free ones."""
+    return Config(
+        host="127.0.0.1",
+        port=0,
+        tls_port=0,
+        tls_cert=files.cert,
+        tls_key=files.key,
+        student_id="tls-test",
+        **settings,  # type: ignore[arg-type]
+    )
+
+
+async def test_whole_protocol_over_tls(tls_files: TLSFiles) -> None:
+    """HELO, JOIN, CHAT, LEAVE and DISCONNECT over TLS, with the TLS port in HELO and JOINED,
+    in the same room as a plain client."""
+    async with running_server(tls_config(tls_files)) as server:
+        tls_port, plain_port = server.ports["tls"], server.ports["plain"]
+        assert tls_port != plain_port
+        alice = await connect_tls(tls_port, tls_files)
+        bob = await Client.connect(plain_port)
+        await alice.send("HELO hi\n")
+        await alice.expect(helo_reply("hi", "127.0.0.1", tls_port, "tls-test"))
+        await alice.send(join_request("lobby", "alice"))
+        await alice.expect(joined_reply("lobby", "127.0.0.1", tls_port, 0, 0))
+        await alice.expect(joined_announcement(0, "alice"))
+        await bob.send(join_request("lobby", "bob"))
+        await bob.expect(joined_reply("lobby", "127.0.0.1", plain_port, 0, 1))
+        for client in (alice, bob):
+            await client.expect(joined_announcement(0, "bob"))
+        await alice.send(chat_request(0, 0, "alice", "over TLS\nand two lines"))
+        for client in (alice, bob):
+            await client.expect(chat_broadcast(0, "alice", "over TLS\nand two lines"))
+        await bob.send(chat_request(0, 1, "bob", "in the clear"))
+        for client in (alice, bob):
+            await client.expect(chat_broadcast(0, "bob", "in the clear"))
+        await alice.send(leave_request(0, 0, "alice"))
+        await alice.expect(left_reply(0, 0))
+        for client in (alice, bob):
+            await client.expect(left_announcement(0, "alice"))
+        await alice.send(join_request("lobby", "alice"))
+        await alice.expect(joined_reply("lobby", "127.0.0.1", tls_port, 0, 0))
+        for client in (alice, bob):
+            await client.expect(joined_announcement(0, "alice"))
+        await alice.send(disconnect_request("alice"))
+        for client in (alice, bob):
+            await client.expect(left_announcement(0, "alice"))
+        await alice.expect_eof()  # a clean TLS close: close_notify, then the end of stream
+        await alice.aclose()
+        await bob.expect_nothing()
+        await bob.aclose()
+
+
+async def test_kill_service_over_tls_stops_the_server(tls_files: TLSFiles) -> None:
+    """KILL_SERVICE over TLS stops the service as it does over plain TCP."""
+    async with trio.open_nursery() as nursery:
+        server = ChatServer(tls_config(tls_files))
+        await nursery.start(server.serve)
+        client = await connect_tls(server.ports["tls"], tls_files)
+        async with client:
+            await client.send("KILL_SERVICE\n")
+            await client.expect_eof()
+    assert server.shutdown_scope.cancel_called
+
+
+async def test_plain_text_on_the_tls_port_is_closed_and_nobody_notices(
+    tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain-text client on the TLS port is closed with one log line; a TLS client in the
+    middle of a conversation and new TLS clients are served as before."""
+    caplog.set_level(logging.INFO, logger="trio_chat")
+    async with running_server(tls_config(tls_files)) as server:
+        port = server.ports["tls"]
+        alice = await connect_tls(port, tls_files)
+        await alice.send(join_request("lobby", "alice"))
+        await alice.expect(joined_reply("lobby", "127.0.0.1", port, 0, 0))
+        await alice.expect(joined_announcement(0, "alice"))
+        async with await Client.connect(port) as plain:
+            await plain.send(join_request("lobby", "mallory") + "HELO x\n")
+            await plain.expect_eof()
+        failures = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+        assert len(failures) == 1
+        assert failures[0].startswith("127.0.0.1:")
+        assert "TLS handshake failed: " in failures[0]
+        assert server.counters.tls_failures == 1
+        await alice.send(chat_request(0, 0, "alice", "still here"))
+        await alice.expect(chat_broadcast(0, "alice", "still here"))
+        async with await connect_tls(port, tls_files) as late:
+            await late.barrier()
+        await alice.expect_nothing()
+        await alice.aclose()
+
+
+async def test_a_stalled_handshake_holds_up_no_one(tls_files: TLSFiles) -> None:
+    """A client that connects to the TLS port and sends nothing does not delay the accept
+    loop: clients after it complete their handshake and are served at once."""
+    async with running_server(tls_config(tls_files)) as server:
+        port = server.ports["tls"]
+        async with await trio.open_tcp_stream("127.0.0.1", port):
+            client = await connect_tls(port, tls_files)
+            await client.barrier()
+            await client.aclose()
+
+
+async def test_bad_certificate_is_refused_before_listening(tmp_path: Path) -> None:
+    """A server with a certificate file that does not exist fails at once, in one line."""
+    with pytest.raises(TLSSetupError, match="does not exist"):
+        ChatServer(Config(tls_port=0, tls_cert=tmp_path / "missing.pem"))
+
+
+def test_tls_settings_need_each_other(tls_files: TLSFiles) -> None:
+    """A TLS port without a certificate, or a certificate without a port, is an error."""
+    with pytest.raises(ValueError, match="--tls-cert"):
+        Config(tls_port=0)
+    with pytest.raises(ValueError, match="--tls-port"):
+        Config(tls_cert=tls_files.cert)
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_missing_certificate_is_one_line_at_start_up(tmp_path: Path) -> None:
+    """``serve --tls-cert`` naming no file fails at once, in one line naming the option."""
+    missing = tmp_path / "missing.pem"
+    result = trio_chat_command(
+        "serve", "--port", "0", "--tls-port", "0", "--tls-cert", str(missing)
+    )
+    assert_runtime_error(result, "--tls-cert", str(missing), "does not exist")
+
+
+def test_tls_port_in_use_names_the_tls_port(tls_files: TLSFiles, busy_port: int) -> None:
+    """When the TLS port is taken, the one-line error names --tls-port, not --port."""
+    result = trio_chat_command(
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--tls-port",
+        str(busy_port),
+        "--tls-cert",
+        str(tls_files.cert),
+        "--tls-key",
+        str(tls_files.key),
+    )
+    assert_runtime_error(result, f"port {busy_port}", "in use", "--tls-port")

@@ -15,13 +15,15 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import trio
 
-from trio_chat import __version__
+from trio_chat import __version__, tls
 from trio_chat.config import Config
-from trio_chat.server import ChatServer
+from trio_chat.limits import AddressSet
+from trio_chat.server import ChatServer, ListenError
 from trio_chat.web import WebListenError
 
 if TYPE_CHECKING:
@@ -87,6 +89,30 @@ def positive(kind: type[int] | type[float]) -> Callable[[str], float]:
 
     parse.__name__ = kind.__name__  # what argparse calls the type in its own messages
     return parse
+
+
+def not_negative(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An option type for a number of `kind` that may be zero (which turns a limit off)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def networks(text: str) -> AddressSet:
+    """A list of IP networks, ``CIDR[,CIDR...]``, or ``none``."""
+    try:
+        return AddressSet.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def log_level(text: str) -> str:
@@ -164,6 +190,11 @@ def _serve_parser(commands: Commands) -> None:
     _identity_options(parser.add_argument_group("what it says about itself"))
     _cluster_options(parser.add_argument_group("several processes as one service"))
     _web_options(parser.add_argument_group("chat from a browser (docs/web.md)"))
+    _open_options(
+        parser.add_argument_group(
+            "running it in the open (the defaults keep the lab's behaviour; see the README)"
+        )
+    )
     _limit_options(
         parser.add_argument_group(
             "limits and timeouts (docs/protocol.md, Limits; trio_chat/config.py says why)"
@@ -241,12 +272,69 @@ def _web_options(group: ArgumentGroup) -> None:
     )
 
 
+def _open_options(group: ArgumentGroup) -> None:
+    defaults = Config()
+    group.add_argument(
+        "--tls-port",
+        type=port_number,
+        metavar="PORT",
+        help="also serve the protocol over TLS on this port (needs --tls-cert)",
+    )
+    group.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate chain")
+    group.add_argument(
+        "--tls-key", type=Path, metavar="FILE", help="PEM private key (default: in --tls-cert)"
+    )
+    group.add_argument(
+        "--kill-allow",
+        type=networks,
+        metavar="CIDR[,CIDR...]",
+        default=defaults.kill_allow,
+        help="only clients from these networks may stop the service with KILL_SERVICE "
+        "('none': no client; default: every address)",
+    )
+    group.add_argument(
+        "--limit-exempt",
+        type=networks,
+        metavar="CIDR[,CIDR...]",
+        default=defaults.limit_exempt,
+        help="networks exempt from --max-connections-per-ip and flood control "
+        f"('none': no one; default: {defaults.limit_exempt})",
+    )
+    group.add_argument(
+        "--request-rate",
+        type=positive(float),
+        metavar="R",
+        help="requests per second per connection; a faster client is slowed down, never "
+        "dropped (default: off)",
+    )
+    group.add_argument(
+        "--request-burst",
+        type=positive(float),
+        metavar="B",
+        help="requests at once before --request-rate paces them (default: one second's worth)",
+    )
+    group.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve /metrics (Prometheus) and /healthz over HTTP on this port (default: off)",
+    )
+    group.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        default=defaults.metrics_host,
+        help=f"address of the metrics endpoint (default: {defaults.metrics_host})",
+    )
+
+
 # Config fields that are also command-line options, with the option's help text.
 _TUNABLES = {
     "max_line": "longest request line, bytes",
     "max_message": "longest CHAT message, bytes",
     "max_outbound": "unsent bytes queued for one client before it is cut off",
     "max_connections": "connections served at once; more wait in the backlog",
+    "max_connections_per_ip": "connections at once from one address outside --limit-exempt "
+    "(IPv6: one /64); 0: no limit",
     "max_rooms_per_connection": "rooms one connection may be in",
     "max_rooms": "rooms in the whole service (rooms are never deleted)",
     "max_name": "longest room or client name, bytes",
@@ -260,6 +348,10 @@ _TUNABLES = {
 }
 
 
+# Tunables for which 0 means "no limit".
+_ZERO_TURNS_OFF = {"max_connections_per_ip"}
+
+
 def _limit_options(group: ArgumentGroup) -> None:
     defaults = Config()
     for name, help_text in _TUNABLES.items():
@@ -267,7 +359,7 @@ def _limit_options(group: ArgumentGroup) -> None:
         kind = float if isinstance(value, float) or value is None else int
         group.add_argument(
             "--" + name.replace("_", "-"),
-            type=positive(kind),
+            type=not_negative(kind) if name in _ZERO_TURNS_OFF else positive(kind),
             default=value,
             metavar="N" if kind is int else "SECONDS",
             help=f"{help_text} (default: {'off' if value is None else value})",
@@ -321,11 +413,21 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
 def _run_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     redis = redis_settings_from_args(args)
+    if config.tls_cert is not None:  # a bad certificate fails here, before anything starts
+        try:
+            tls.server_context(config.tls_cert, config.tls_key)
+        except tls.TLSSetupError as exc:
+            raise StartupError(str(exc)) from None
     if args.workers > 1 and args.worker_index is None:  # a worker never starts workers
         if redis is None:
             raise ValueError("--workers needs --redis: the workers share their rooms through it")
         if config.port == 0:
             raise ValueError("--workers needs a fixed --port: every worker listens on it")
+        if config.metrics_port is not None:
+            raise ValueError(
+                "--metrics-port serves one process: with --workers, run one node per process "
+                "instead, each with its own --metrics-port, sharing --redis"
+            )
         from trio_chat.workers import supervise
 
         return trio.run(supervise, args.argv, args.workers)
@@ -359,6 +461,10 @@ def describe_listen_error(config: Config, error: OSError) -> str:
         host = config.web_host if config.web_host is not None else config.host
         port, options = config.web_port or 0, ("--web-host", "--web-port")
         error = error.error
+    if isinstance(error, ListenError):  # the TLS or metrics listener, not the chat port
+        host, port = error.host, error.port
+        options = (error.host_option, error.port_option)
+        error = error.error
     host_option, port_option = options
     where = f"{host or 'every address'} port {port}"
     if isinstance(error, socket.gaierror):
@@ -387,6 +493,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
         web_port=args.web_port,
         web_host=args.web_host,
         web_origins=tuple(o.strip() for o in args.web_origins.split(",") if o.strip()),
+        tls_port=args.tls_port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        kill_allow=args.kill_allow,
+        limit_exempt=args.limit_exempt,
+        request_rate=args.request_rate,
+        request_burst=args.request_burst,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         **tunables,
     )
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from attrs import Factory, field, frozen
 
+from trio_chat.limits import EVERY_ADDRESS, LOCAL_ADDRESSES, AddressSet
 from trio_chat.protocol import DEFAULT_MAX_NAME, MESSAGE_PREFIX
 
 KIB = 1024
@@ -14,6 +17,12 @@ def _positive(instance: object, attribute: object, value: float) -> None:
     if value <= 0:
         name = getattr(attribute, "name", "setting")
         raise ValueError(f"{name} must be positive, not {value!r}")
+
+
+def _not_negative(instance: object, attribute: object, value: int) -> None:
+    if value < 0:
+        name = getattr(attribute, "name", "setting")
+        raise ValueError(f"{name} must be 0 or more, not {value!r}")
 
 
 def _positive_or_none(instance: object, attribute: object, value: float | None) -> None:
@@ -115,3 +124,70 @@ class Config:
     to the request parser as it arrives, so this is not a buffer: it keeps one message within
     sight of the protocol's own limits while leaving room for the largest CHAT request (a
     `max_message` text plus its header lines) and a few small requests pipelined with it."""
+
+    # -- TLS (PROTOCOL.md section 7) -----------------------------------------------------------
+    tls_port: int | None = None
+    """TCP port for the same protocol over TLS, beside `port` (same host, same rooms); None:
+    no TLS. 0 picks a free one."""
+    tls_cert: Path | None = None
+    """PEM file of the server's certificate chain (and its key, when `tls_key` is None)."""
+    tls_key: Path | None = None
+    """PEM file of the certificate's private key."""
+    tls_handshake_timeout: float = field(default=10.0, validator=_positive)
+    """Seconds a TLS client has to complete its handshake. The handshake runs in the
+    connection's own task, never in the accept loop, but a client that connects and says
+    nothing would otherwise hold a connection slot for ever; ten seconds is ample for a
+    handshake across any network."""
+
+    # -- operator policies (PROTOCOL.md section 7) -------------------------------------------
+    kill_allow: AddressSet = EVERY_ADDRESS
+    """Addresses from which KILL_SERVICE stops the service; from any other, it is ignored
+    like an unknown line and logged. Every address by default: the lab's grader stops the
+    server this way. A client that is not on an IP network (an in-process stream) may."""
+    max_connections_per_ip: int = field(default=256, validator=_not_negative)
+    """Connections open at once from one address (IPv6: one /64), outside `limit_exempt`;
+    the one beyond gets error 5 and is closed. 0: no limit. 256 lets a classroom behind one
+    NAT address and the lab's own tests through, and keeps one host from taking every slot
+    of `max_connections`."""
+    limit_exempt: AddressSet = LOCAL_ADDRESSES
+    """Addresses exempt from `max_connections_per_ip` and from flood control: this host by
+    default, so local tools, benchmarks with thousands of clients and a TLS-terminating proxy
+    on the same host are not throttled. In-process streams are exempt too."""
+    request_rate: float | None = field(default=None, validator=_positive_or_none)
+    """Requests per second one connection may make in the long run (flood control); a
+    connection over it has its requests wait, in order, none dropped. None: no flood control
+    (the lab's tests pipeline hundreds of requests at once)."""
+    request_burst: float | None = field(default=None, validator=_positive_or_none)
+    """Requests a connection may make at once before `request_rate` paces it; None: one
+    second's worth (`request_rate`, at least 1)."""
+
+    # -- metrics ------------------------------------------------------------------------------
+    metrics_port: int | None = None
+    """TCP port of the HTTP endpoint serving /metrics (Prometheus) and /healthz; None: none.
+    0 picks a free one."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics endpoint: this host only by default, since what it tells
+    (clients, rooms, load) is for the operator and not for the public."""
+    metrics_request_timeout: float = field(default=5.0, validator=_positive)
+    """Seconds a metrics client has to send its request and to take the answer; a scraper
+    needs milliseconds, and a silent connection must not hold a slot for long."""
+    metrics_max_clients: int = field(default=8, validator=_positive)
+    """Metrics requests answered at once; more wait in the backlog. One Prometheus server
+    scrapes with one connection at a time."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.tls_port is not None and self.tls_cert is None:
+            raise ValueError("a TLS port needs a certificate (--tls-cert)")
+        if self.tls_port is None and (self.tls_cert is not None or self.tls_key is not None):
+            raise ValueError("a TLS certificate or key needs a TLS port (--tls-port)")
+        if self.request_burst is not None and self.request_rate is None:
+            raise ValueError("a request burst needs a request rate (--request-rate)")
+        if self.request_burst is not None and self.request_burst < 1:
+            raise ValueError(f"request_burst must be at least 1, not {self.request_burst!r}")
+
+    @property
+    def burst(self) -> float:
+        """The request burst in force (see `request_burst`); meaningless without a rate."""
+        if self.request_burst is not None:
+            return self.request_burst
+        return max(1.0, self.request_rate or 1.0)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import trio
 
 from trio_chat import protocol
+from trio_chat.limits import TokenBucket
 from trio_chat.outbox import Outbox
 from trio_chat.protocol import (
     NEED_DATA,
@@ -37,12 +38,25 @@ from trio_chat.transport import Transport, display_ip
 if TYPE_CHECKING:
     from trio_chat.broker import Broker
     from trio_chat.config import Config
+    from trio_chat.metrics import Counters
 
 log = logging.getLogger("trio_chat")
 
 # Unknown lines logged at INFO per connection; the rest go to DEBUG, so a client sending
 # garbage cannot flood the log.
 UNKNOWN_LINES_LOGGED = 10
+
+# Requests as metrics count them, by type.
+_REQUEST_TYPE: dict[type, str] = {
+    Helo: "HELO",
+    Join: "JOIN_CHATROOM",
+    Leave: "LEAVE_CHATROOM",
+    Chat: "CHAT",
+    Disconnect: "DISCONNECT",
+    KillService: "KILL_SERVICE",
+    Unknown: "unknown",
+    ProtocolError: "malformed",
+}
 
 # Why a connection ended.
 Ending = Literal["eof", "idle", "disconnect", "too_large", "broken", "too slow", "error"]
@@ -57,14 +71,30 @@ class Service(Protocol):
     @property
     def broker(self) -> Broker: ...
 
+    @property
+    def counters(self) -> Counters: ...
+
     def shutdown(self, reason: str, *, everywhere: bool = True) -> None: ...
+
+    def may_stop(self, ip: str) -> bool: ...
 
 
 class Connection:
     """One client: a reader that dispatches requests and a writer that sends replies."""
 
-    def __init__(self, server: Service, transport: Transport) -> None:
+    def __init__(
+        self,
+        server: Service,
+        transport: Transport,
+        *,
+        listener: str = "plain",
+        peer_ip: str = "",
+        paced: bool = False,
+    ) -> None:
         self.server = server
+        self.listener = listener
+        """The door the client came through (plain, tls, ...), for metrics."""
+        self.peer_ip = peer_ip
         self.config = config = server.config
         self.transport = transport
         self.peer = transport.peer
@@ -76,6 +106,13 @@ class Connection:
         self.outbox = Outbox(config.max_outbound, self._cut_off)
         self.session = Session(self.outbox)
         self.broker = server.broker
+        self.counters = server.counters
+        # Flood control: None when off, or when the client's address is exempt.
+        self.bucket = (
+            TokenBucket(config.request_rate, config.burst)
+            if paced and config.request_rate is not None
+            else None
+        )
         self.ending: Ending | None = None
         self._cancel_scope = trio.CancelScope()
         self._read_scope = trio.CancelScope()  # given a deadline when closing begins
@@ -124,6 +161,8 @@ class Connection:
         EOF or the grace deadline, and gives nothing but KILL_SERVICE.
         """
         reader = self.reader
+        bucket = self.bucket
+        requests = self.counters.requests
         while True:
             event = reader.next_event()
             if event is NEED_DATA:
@@ -131,9 +170,19 @@ class Connection:
                 if not data:
                     return self.ending or ("eof" if data is not None else "idle")
                 reader.receive_data(data)
-            elif event is TURN_OVER:
+                continue
+            if event is TURN_OVER:
                 await trio.lowlevel.checkpoint()
-            elif type(event) is Join:
+                continue
+            requests[_REQUEST_TYPE[type(event)]] += 1
+            if bucket is not None:
+                # Over its rate, the client waits for its next request (fakelag): it is
+                # neither refused nor reordered, and input waits in the socket meanwhile.
+                delay = bucket.take(trio.current_time())
+                if delay:
+                    self.counters.throttled_seconds += delay
+                    await trio.sleep(delay)
+            if type(event) is Join:
                 await self._join(event)
             else:
                 self._handle(event)
@@ -166,6 +215,10 @@ class Connection:
         finally:
             self._write_done.set()
 
+    def _reply_error(self, error: ProtocolError) -> None:
+        self.counters.error(error.code)
+        self._reply(protocol.encode_error(error))
+
     def _reply(self, data: bytes) -> None:
         # Through the broker: with a shared bus, a reply waits for the broadcasts of this
         # connection's earlier requests, so the client sees everything in request order.
@@ -175,6 +228,7 @@ class Connection:
         if outbox.failed:
             self.ending = "error"
         else:
+            self.counters.slow_consumers += 1
             log.warning(
                 "%s is too slow: %d bytes unsent and %d more would pass the limit of %d; "
                 "disconnecting it",
@@ -218,13 +272,21 @@ class Connection:
                 self._close_gracefully()
                 return
             elif type(event) is KillService:
-                self.server.shutdown(f"KILL_SERVICE from {self.peer}")
+                if self.server.may_stop(self.peer_ip):
+                    self.server.shutdown(f"KILL_SERVICE from {self.peer}")
+                else:  # handled as an unknown line: no reply, the connection stays open
+                    self.counters.kill_refused += 1
+                    log.warning(
+                        "%s: KILL_SERVICE from %s, outside --kill-allow; ignored",
+                        self.peer,
+                        self.peer_ip,
+                    )
                 return
             else:
                 assert isinstance(event, ProtocolError)
                 raise event
         except ProtocolError as error:
-            self._reply(protocol.encode_error(error))
+            self._reply_error(error)
             if error.closes_connection:
                 log.info("%s: %s; closing", self.peer, error.description)
                 self.ending = "too_large"
@@ -236,6 +298,6 @@ class Connection:
         try:
             await self.broker.join(self.session, request, server_ip=self.ip, server_port=self.port)
         except ProtocolError as error:
-            self._reply(protocol.encode_error(error))
+            self._reply_error(error)
             return
         log.info("%s joined %r as %r", self.peer, request.room_name, request.client_name)

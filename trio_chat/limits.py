@@ -42,11 +42,12 @@ class AddressSet:
     networks: tuple[Network, ...]
 
     @classmethod
-    def parse(cls, text: str, option: str = "address list") -> AddressSet:
+    def parse(cls, text: str, option: str = "") -> AddressSet:
         """Networks from ``CIDR[,CIDR...]`` (a bare address is one host; ``none``: no address).
 
-        Raises `ValueError` with a one-line message naming `option` and the bad item.
+        Raises `ValueError` with a one-line message naming the bad item (after `option`).
         """
+        prefix = f"{option}: " if option else ""
         if text.strip().lower() == "none":
             return cls(())
         networks = []
@@ -54,7 +55,7 @@ class AddressSet:
             item = item.strip()
             if not item:
                 raise ValueError(
-                    f"{option}: empty entry in {text!r}; write networks as CIDR[,CIDR...], "
+                    f"{prefix}empty entry in {text!r}; write networks as CIDR[,CIDR...], "
                     "or 'none' for no address"
                 )
             try:
@@ -64,11 +65,11 @@ class AddressSet:
                     loose = ipaddress.ip_network(item, strict=False)
                 except ValueError:
                     raise ValueError(
-                        f"{option}: {item!r} is not an IP address or network "
+                        f"{prefix}{item!r} is not an IP address or network "
                         "(CIDR such as 10.0.0.0/8 or 2001:db8::/32)"
                     ) from None
                 raise ValueError(
-                    f"{option}: {item!r} has host bits set; did you mean {loose}?"
+                    f"{prefix}{item!r} has host bits set; did you mean {loose}?"
                 ) from None
         return cls(tuple(networks))
 

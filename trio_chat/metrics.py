@@ -1,10 +1,12 @@
 """Numbers for an operator: what the server counts, and the HTTP endpoint that shows them.
 
-The server counts into a `Counters` of plain numbers: an attribute add per request, per
-write to a socket or per event, never per delivery, so fan-out costs the same with or without
-metrics. Everything that is a state rather than an event (open connections, rooms,
-memberships, bytes queued, Redis availability) is not tracked at all: `ServerCollector` reads
-it from the server when Prometheus scrapes.
+The server counts into a `Counters` of plain numbers, an attribute add per request or per
+connection. What fan-out does is counted where it is batched already: deliveries once per
+room event (`Registry.deliveries`), bytes once per write (`Outbox.sent`), never per message
+and member, so fan-out costs the same with or without metrics. Everything that is a state
+rather than an event (open connections, rooms, memberships, bytes queued, Redis
+availability) is not tracked at all: `ServerCollector` reads it from the server when
+Prometheus scrapes.
 
 `serve_metrics` answers ``GET /metrics`` (Prometheus text, or OpenMetrics if asked) and
 ``GET /healthz`` from the server's own trio run. A thread would have to read the server's
@@ -38,7 +40,7 @@ log = logging.getLogger("trio_chat")
 PREFIX = "trio_chat_"
 
 # Request types as counted, in the protocol's own words (PROTOCOL.md section 1); "unknown"
-# is a line that names no request, "malformed" a request refused with error 1.
+# is a line that names no request, "malformed" a request the parser refused (error 1 or 4).
 REQUEST_TYPES = (
     "HELO",
     "JOIN_CHATROOM",
@@ -85,9 +87,6 @@ class Counters:
     """Everything the server counts as it happens; read by `ServerCollector` at scrape time."""
 
     requests: dict[str, int] = field(factory=lambda: dict.fromkeys(REQUEST_TYPES, 0))
-    deliveries: int = 0
-    """Messages (replies and broadcasts) handed to clients' sockets."""
-    bytes_sent: int = 0
     errors: dict[int, int] = field(factory=dict)
     """ERROR_CODE replies sent, by code."""
     slow_consumers: int = 0
@@ -133,6 +132,14 @@ class Observed(Protocol):
 
     def queued_bytes(self) -> int:
         """Bytes queued for clients and not yet sent, over all connections."""
+        ...
+
+    def sent_bytes(self) -> int:
+        """Bytes written to clients so far."""
+        ...
+
+    def deliveries(self) -> int:
+        """Broadcasts handed to room members so far (one per message and member)."""
         ...
 
     def bus_available(self) -> bool | None:
@@ -211,10 +218,14 @@ class ServerCollector:
         )
         yield _counter(
             "deliveries_total",
-            "Replies and broadcasts written to client sockets (one per message and client).",
-            counts.deliveries,
+            "Broadcasts queued for room members (one per message and member).",
+            server.deliveries(),
         )
-        yield _counter("sent_bytes_total", "Bytes written to client sockets.", counts.bytes_sent)
+        yield _counter(
+            "sent_bytes_total",
+            "Bytes written to clients (replies and broadcasts).",
+            server.sent_bytes(),
+        )
         yield GaugeMetricFamily(
             PREFIX + "outbound_queued_bytes",
             "Bytes queued for clients and not yet sent.",
@@ -348,32 +359,30 @@ async def _answer(
             await stream.send_eof()
 
 
+async def open_metrics_listener(host: str, port: int) -> trio.SocketListener:
+    """The listening socket of the metrics endpoint on `host`:`port`."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    for extra in listeners[1:]:  # one address family is enough for a scraper
+        await extra.aclose()
+    return listeners[0]
+
+
 async def serve_metrics(
     server: Observed,
-    host: str,
-    port: int,
+    listener: trio.SocketListener,
     *,
     request_timeout: float,
     max_clients: int,
-    task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve /metrics and /healthz on `host`:`port` until cancelled.
+    """Serve /metrics and /healthz on `listener` until cancelled; then close it.
 
     At most `max_clients` requests are answered at once (others wait in the backlog) and each
-    gets `request_timeout` seconds to send its head and to take the answer. Reports its listener
-    through `task_status`.
+    gets `request_timeout` seconds to send its head and to take the answer.
     """
     registry = registry_for(server)
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    listener = listeners[0]
-    for extra in listeners[1:]:  # one address family is enough for a scraper
-        await extra.aclose()
-    address = listener.socket.getsockname()
-    log.info("metrics on http://%s:%d/metrics", address[0], address[1])
     slots = trio.Semaphore(max_clients)
     answer = functools.partial(_answer, registry, server, request_timeout)
     async with listener, trio.open_nursery() as nursery:
-        task_status.started(listener)
         while True:
             await slots.acquire()
             try:

@@ -117,6 +117,7 @@ class Outbox:
         "limit",
         "on_overflow",
         "overflowed",
+        "sent",
     )
 
     def __init__(
@@ -126,6 +127,7 @@ class Outbox:
         self.on_overflow = on_overflow
         self.overflowed = False
         self.failed = False  # the flusher met an unexpected error writing for this outbox
+        self.sent = 0  # bytes written so far (for metrics: counted per write, not per push)
         self._pending: list[bytes] = []
         self._size = 0  # bytes pushed and not yet fully sent, including a write in progress
         self._closed = False
@@ -240,6 +242,7 @@ class Outbox:
             self._wake()
             return
         self._size -= sent
+        self.sent += sent
         if sent < len(chunk):
             pending.append(chunk[sent:])
             self._wake()
@@ -280,5 +283,6 @@ class Outbox:
                 finally:
                     self._writing = False
                 self._size -= size
+                self.sent += size
         finally:
             self._fd = None

@@ -89,6 +89,9 @@ class Registry:
     _by_name: dict[str, Room] = field(factory=dict, init=False)
     _by_ref: dict[int, Room] = field(factory=dict, init=False)
     _next_join_id: int = field(default=0, init=False)
+    deliveries: int = field(default=0, init=False)
+    """Messages `apply` has handed to members (one per member and event), counted per event
+    rather than per member so that counting costs fan-out nothing."""
 
     # -- identifiers -----------------------------------------------------------------------
 
@@ -124,6 +127,10 @@ class Registry:
     def room_name(self, room_ref: int) -> str:
         """The name of the room with `room_ref`, which must exist."""
         return self._by_ref[room_ref].name
+
+    def room_count(self) -> int:
+        """How many rooms exist."""
+        return len(self._by_ref)
 
     def room_names(self) -> list[tuple[str, int]]:
         """Every room as (name, ROOM_REF)."""
@@ -230,8 +237,10 @@ class Registry:
             members[recipient] = None
             if event.welcome is not None:
                 recipient.push(event.welcome)
+                self.deliveries += 1
         data = event.data
         for recipient in members:
             recipient.push(data)
+        self.deliveries += len(members)
         if event.leaving is not None:
             members.pop(event.leaving.recipient, None)

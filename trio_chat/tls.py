@@ -53,7 +53,7 @@ async def accept_tls(
     """Complete the server side of a TLS handshake on `stream` within `handshake_timeout` seconds.
 
     Returns the encrypted stream; or, when the client fails the handshake, talks plain text,
-    or is too slow, logs one line, closes `stream` and returns None.
+    or is too slow, logs one line and returns None (the caller closes `stream`).
     """
     tls = trio.SSLStream(stream, context, server_side=True)
     reason = f"timed out after {handshake_timeout:g} s"
@@ -69,5 +69,4 @@ async def accept_tls(
         else:
             return tls
     log.info("%s: TLS handshake %s; closing", peer, reason)
-    await trio.aclose_forcefully(stream)
     return None
