@@ -8,8 +8,35 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Protocol
 
 from tests.chatclient import free_port
+
+
+class RedisService(Protocol):
+    """What fault tests do to Redis, a single server or a cluster alike."""
+
+    @property
+    def url(self) -> str:
+        """The URL nodes connect to."""
+        ...
+
+    def start(self) -> None:
+        """Start, empty."""
+
+    def stop(self) -> None:
+        """Kill at once, as a crash would."""
+
+    def pause(self) -> None:
+        """Stop answering (SIGSTOP), connections left open."""
+
+    def resume(self) -> None:
+        """Go on (SIGCONT) with everything sent meanwhile."""
+
+    def kill_subscribers(self) -> int:
+        """Close every pub/sub connection from Redis's side; how many were closed."""
+        ...
+
 
 # How long a freshly started server may take to answer PING. Generous: it matters only when
 # the server fails to start, and a loaded CI machine can be slow to exec a binary.
@@ -72,12 +99,13 @@ class RedisProcess:
         except OSError:
             return False
 
-    def command(self, *parts: str) -> bytes:
-        """Send one command from a connection of its own; the start of the raw reply."""
-        request = b"".join(b"$%d\r\n%s\r\n" % (len(part), part.encode()) for part in parts)
+    def kill_subscribers(self) -> int:
+        """Have the server close its pub/sub connections; how many it closed."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            sock.sendall(b"*%d\r\n" % len(parts) + request)
-            return sock.recv(65536)
+            sock.sendall(b"CLIENT KILL TYPE pubsub\r\n")
+            reply = sock.recv(64)
+        assert reply.startswith(b":"), reply
+        return int(reply[1:].strip())
 
     def pause(self) -> None:
         """Stop the process (SIGSTOP): connections stay open and nothing is answered."""

@@ -12,6 +12,7 @@ received a marker published after a step, each node has applied everything befor
 from __future__ import annotations
 
 import functools
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,9 +21,12 @@ import pytest
 import trio
 
 from tests.chatclient import Client, free_port
-from tests.redisserver import RedisProcess
+from tests.rediscluster import RedisCluster
+from tests.redisserver import RedisProcess, RedisService
+from tests.test_cli import assert_usage_error, trio_chat_command
 from trio_chat.config import Config
 from trio_chat.redis import RedisBroker, RedisSettings
+from trio_chat.redis.resp import hash_slot
 from trio_chat.server import serve
 
 # How long a test waits for the cluster to notice a change (Redis down or back, a node
@@ -32,13 +36,20 @@ NOTICE_TIMEOUT = 20.0
 NODE_TIMEOUT = 1.5
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    """A Redis-protocol server of this test's own."""
-    server = RedisProcess(tmp_path)
+@pytest.fixture(params=["single"])
+def redis(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisService]:
+    """A Redis-protocol server of this test's own, or (parametrized "cluster") a 3-master
+    cluster of its own."""
+    server: RedisService = (
+        RedisProcess(tmp_path) if request.param == "single" else RedisCluster(tmp_path)
+    )
     server.start()
     yield server
     server.stop()
+
+
+# Fault tests run against both: a single server and any node of a cluster.
+BOTH = pytest.mark.parametrize("redis", ["single", "cluster"], indirect=True)
 
 
 class Connector:
@@ -68,7 +79,7 @@ async def connect() -> AsyncIterator[Connector]:
         await client.aclose()
 
 
-def settings(redis: RedisProcess) -> RedisSettings:
+def settings(redis: RedisService) -> RedisSettings:
     """Node settings for tests: quick heartbeats, quick retries."""
     return RedisSettings(
         url=redis.url,
@@ -120,7 +131,7 @@ class Cluster:
         self.marks = 0
 
     @classmethod
-    async def start(cls, nursery: trio.Nursery, redis: RedisProcess, connect: Connector) -> Cluster:
+    async def start(cls, nursery: trio.Nursery, redis: RedisService, connect: Connector) -> Cluster:
         ports = []
         for _ in range(2):
             port, _broker = await nursery.start(run_node, settings(redis))
@@ -147,7 +158,7 @@ class Cluster:
 
 
 async def test_two_nodes_pass_the_grader_sequence(
-    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+    redis: RedisService, nursery: trio.Nursery, connect: Connector
 ) -> None:
     """Four clients split over two nodes see exactly what one server would show them."""
     cluster = await Cluster.start(nursery, redis, connect)
@@ -210,7 +221,7 @@ async def test_two_nodes_pass_the_grader_sequence(
 
 
 async def test_senders_on_both_nodes_are_seen_in_one_order(
-    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+    redis: RedisService, nursery: trio.Nursery, connect: Connector
 ) -> None:
     """Concurrent pipelined senders on two nodes: every member sees every CHAT once, in one
     and the same order."""
@@ -246,8 +257,9 @@ async def test_senders_on_both_nodes_are_seen_in_one_order(
     await cluster.quiet(*members)
 
 
+@BOTH
 async def test_redis_outage_gives_error_6_and_service_resumes(
-    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+    redis: RedisService, nursery: trio.Nursery, connect: Connector
 ) -> None:
     """With Redis down, requests needing it get error 6 and connections stay open; after a
     restart that lost every key, service resumes and no identifier is handed out twice."""
@@ -290,7 +302,7 @@ async def test_redis_outage_gives_error_6_and_service_resumes(
 
 
 async def start_node_process(
-    redis: RedisProcess, port: int, log: Path, *extra: str
+    redis: RedisService, port: int, log: Path, *extra: str
 ) -> trio.Process:
     """A node as a process of its own, as an operator would run it; stderr goes to `log`."""
     command = [sys.executable, "-m", "trio_chat", "serve", "--host", "127.0.0.1"]
@@ -299,8 +311,9 @@ async def start_node_process(
         return await trio.lowlevel.open_process([*command, *extra], stderr=stderr)
 
 
+@BOTH
 async def test_dead_node_members_are_announced_as_left(
-    redis: RedisProcess, nursery: trio.Nursery, tmp_path: Path, connect: Connector
+    redis: RedisService, nursery: trio.Nursery, tmp_path: Path, connect: Connector
 ) -> None:
     """When a node dies without a word, the other node's members hear that its members left,
     within the node timeout."""
@@ -327,7 +340,7 @@ async def test_dead_node_members_are_announced_as_left(
 
 
 async def test_workers_share_one_port_and_stop_together(
-    redis: RedisProcess, tmp_path: Path, connect: Connector
+    redis: RedisService, tmp_path: Path, connect: Connector
 ) -> None:
     """serve --workers 2: clients spread over the processes act as one service, and one
     KILL_SERVICE ends them all with status 0."""
@@ -367,7 +380,7 @@ def messages(data: bytes) -> list[bytes]:
 
 
 async def start_nodes(
-    nursery: trio.Nursery, redis: RedisProcess, count: int = 2
+    nursery: trio.Nursery, redis: RedisService, count: int = 2
 ) -> list[tuple[int, RedisBroker]]:
     return [await nursery.start(run_node, settings(redis)) for _ in range(count)]
 
@@ -389,8 +402,9 @@ async def members_of(
     return clients
 
 
+@BOTH
 async def test_redis_paused_during_chat_delivers_each_message_once_in_one_order(
-    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+    redis: RedisService, nursery: trio.Nursery, connect: Connector
 ) -> None:
     """Redis stopped (SIGSTOP) and continued while a member chats: every message reaches
     every member on both nodes exactly once and in one order, or its sender got error 6."""
@@ -424,8 +438,9 @@ async def test_redis_paused_during_chat_delivers_each_message_once_in_one_order(
         await member.barrier()
 
 
+@BOTH
 async def test_redis_paused_during_joins_every_join_is_answered_and_no_node_exits(
-    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+    redis: RedisService, nursery: trio.Nursery, connect: Connector
 ) -> None:
     """JOINs sent while Redis is stopped get JOINED or error 6, each exactly once; the nodes
     keep serving throughout and afterwards."""
@@ -461,8 +476,9 @@ async def test_redis_paused_during_joins_every_join_is_answered_and_no_node_exit
     await late.receive_until(b"MESSAGE: late has joined this chatroom.\n\n")
 
 
+@BOTH
 async def test_subscriber_killed_by_redis_during_a_burst_loses_nothing(
-    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+    redis: RedisService, nursery: trio.Nursery, connect: Connector
 ) -> None:
     """CLIENT KILL TYPE pubsub in the middle of a burst: each node notices, renews its
     subscriptions and reads what it missed from the room's log; replies keep coming."""
@@ -471,21 +487,16 @@ async def test_subscriber_killed_by_redis_during_a_burst_loses_nothing(
     count = 400
     await sender.send("".join(chat_text(0, 0, "s", f"m{n}") for n in range(count // 2)))
     await others[0].receive_until(b"MESSAGE: m10\n\n")
-    assert b"kill" not in redis.command("CLIENT", "KILL", "TYPE", "pubsub").lower()
+    assert redis.kill_subscribers() >= len(nodes)
     await sender.send("".join(chat_text(0, 0, "s", f"m{n}") for n in range(count // 2, count)))
-    for member in [sender, *others]:
-        data = await member.receive_until(b"MESSAGE: m%d\n\n" % (count - 1))
-        numbers = [int(line.removeprefix(b"MESSAGE: m")) for line in messages(data)]
-        assert numbers[-1] == count - 1
-        assert numbers == list(range(numbers[0], count))
-        await member.barrier()
+    await assert_burst_complete(nodes, sender, others, count)
     joiner = await connect(nodes[1][0])
     await joiner.send(join_text("after", "j"))
     await joiner.expect(joined("after", nodes[1][0], 1, 3, "j"))
 
 
 async def test_a_node_subscribes_only_to_rooms_where_it_has_members(
-    redis: RedisProcess, nursery: trio.Nursery, connect: Connector
+    redis: RedisService, nursery: trio.Nursery, connect: Connector
 ) -> None:
     """Interest routing: node B receives a room's channel only between its first member's
     JOIN and its last member's departure."""
@@ -508,3 +519,83 @@ async def test_a_node_subscribes_only_to_rooms_where_it_has_members(
     await alice.send(chat_text(0, 0, "alice", "only A hears this"))
     await alice.receive_until(b"only A hears this\n\n")
     await bob.expect_nothing()
+
+
+@pytest.mark.parametrize("redis", ["cluster"], indirect=True)
+async def test_room_slot_migrated_during_a_burst_loses_nothing(
+    redis: RedisService, nursery: trio.Nursery, connect: Connector
+) -> None:
+    """The slot of a busy room moves to another master mid-burst: the nodes follow it
+    (resubscribing where the room now lives) and every member gets every message once, in
+    order."""
+    assert isinstance(redis, RedisCluster)
+    nodes = await start_nodes(nursery, redis)
+    sender, *others = await members_of("moving", nodes, connect, ["s", "b1", "a1"])
+    slot = hash_slot(nodes[0][1].keys.channel(0))
+    source = redis.owner(slot)
+    target = next(node for node in redis.nodes if node is not source)
+    count = 300
+    await sender.send("".join(chat_text(0, 0, "s", f"m{n}") for n in range(count // 2)))
+    await others[0].receive_until(b"MESSAGE: m10\n\n")
+    await trio.to_thread.run_sync(redis.migrate_slot, slot, source, target)
+    # Sent while the nodes follow the slot: each is delivered, or refused with error 6.
+    await sender.send("".join(chat_text(0, 0, "s", f"m{n}") for n in range(count // 2, count)))
+    await assert_burst_complete(nodes, sender, others, count)
+    assert redis.owner_now(slot) is target
+
+
+async def assert_burst_complete(
+    nodes: list[tuple[int, RedisBroker]], sender: Client, others: list[Client], count: int
+) -> None:
+    """Once the nodes are available, a last message marks the end: every member has then
+    seen the sender's messages m0..m{count-1} in order and none twice (`others` from m11 on),
+    the same ones everywhere, and each missing one was refused to the sender with error 6."""
+    with trio.fail_after(NOTICE_TIMEOUT):
+        for _port, broker in nodes:
+            await broker.wait_available(True)
+    await sender.send(chat_text(0, 0, "s", "end"))
+    received = [await member.receive_until(b"MESSAGE: end\n\n") for member in [sender, *others]]
+    seen = [[int(line[10:]) for line in messages(data)[:-1]] for data in received]
+    assert seen[0] == sorted(set(seen[0]))
+    assert all([n for n in other if n > 10] == [n for n in seen[0] if n > 10] for other in seen)
+    assert len(seen[0]) + received[0].count(b"ERROR_CODE: 6\n") == count
+    for member in [sender, *others]:
+        await member.barrier()
+
+
+def test_redis_url_without_scheme_is_a_usage_error() -> None:
+    """--redis HOST:PORT is refused at once, showing the form expected."""
+    result = trio_chat_command("serve", "--port", "0", "--redis", "127.0.0.1:7450")
+    assert_usage_error(result, "--redis", "redis://HOST:PORT", "'127.0.0.1:7450'")
+
+
+async def test_unreachable_redis_at_start_up_is_one_line_and_retried(tmp_path: Path) -> None:
+    """With nothing listening at --redis, the node says so in one line, at once (no DEBUG
+    needed) and with the retry interval, then keeps trying; it serves once Redis is there."""
+    redis = RedisProcess(tmp_path)  # its port is free until it starts
+    port = free_port()
+    command = [sys.executable, "-m", "trio_chat", "serve", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--redis", redis.url]
+    process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    try:
+        with trio.fail_after(NOTICE_TIMEOUT):
+            first = await process.stderr.receive_some(4096)
+            while b"\n" not in first:
+                first += await process.stderr.receive_some(4096)
+        line, _, rest = first.partition(b"\n")
+        assert b"not reachable" in line
+        assert redis.url.encode() in line
+        assert b"retrying every 2 s" in line
+        assert b"Traceback" not in rest
+        redis.start()
+        try:
+            client = await Connector()(port)
+            await client.send(join_text("up", "first"))
+            await client.expect(joined("up", port, 0, 0, "first"))
+            await client.aclose()
+        finally:
+            redis.stop()
+    finally:
+        process.kill()
+        await process.wait()

@@ -65,6 +65,8 @@ class RedisBroker(Delivery):
     _subscribed: bool = False  # every subscriber connection is up
     _rejoined: bool = False  # identifiers and heartbeat checked since
     _ids_epoch: bytes = b""
+    _dropped: BaseException | None = None  # why the subscriber was lost, not yet logged
+    _outage: bool = False  # an outage was logged and its end is still to be
     _floor_room_ref: int = 0  # one past the highest ROOM_REF seen
     _floor_join_id: int = 0  # one past the highest JOIN_ID seen
     _feeds: dict[int, Feed] = attrs.field(factory=dict)
@@ -164,11 +166,21 @@ class RedisBroker(Delivery):
         self._availability_changed.set()
         self._availability_changed = trio.Event()
 
-    def _mark_down(self, error: BaseException) -> None:
-        if self._rejoined:
+    def _mark_down(self, error: BaseException, *, quietly: bool = False) -> None:
+        """Redis failed: requests get error 6 until the node has rejoined.
+
+        A subscriber connection that Redis closed is often back at the first retry (a
+        ``CLIENT KILL``, an output buffer limit): `quietly` leaves the log line to the
+        reconnection, so a routine reconnect is one line."""
+        if quietly and self._rejoined:
+            self._dropped = error
+        elif self._rejoined or self._dropped is not None:
             log.warning(
-                "Redis unavailable (%s); requests get error 6 until it is back", _describe(error)
+                "Redis unavailable (%s); requests get error 6 until it is back",
+                _describe(self._dropped or error),
             )
+            self._dropped = None
+            self._outage = True
         self._rejoined = False
         self._changed()
 
@@ -187,7 +199,7 @@ class RedisBroker(Delivery):
             if self._nursery is not None:
                 self._nursery.start_soon(self._rejoin)
         elif error is not None:
-            self._mark_down(error)
+            self._mark_down(error, quietly=True)
         self._changed()
 
     async def _rejoin(self) -> None:
@@ -205,7 +217,16 @@ class RedisBroker(Delivery):
             return  # the subscriber notices and reconnects; or the next heartbeat retries
         if not self._rejoined:
             self._rejoined = True
-            log.info("Redis available; this node is %s", self.node_id)
+            if self._dropped is not None:
+                log.warning(
+                    "Redis closed a subscriber connection (%s); resubscribed and caught up",
+                    _describe(self._dropped),
+                )
+            elif self._outage:
+                log.info("Redis available again")
+            else:
+                log.info("Redis available; this node is %s", self.node_id)
+            self._dropped, self._outage = None, False
             self._changed()
 
     async def _restore(self) -> bytes:

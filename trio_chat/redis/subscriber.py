@@ -209,6 +209,9 @@ class Subscriber:
             log.info("Redis refused a subscription (%s); reading the topology again", value)
             self._trouble.set()
             return
+        if value == b"PONG":  # a connection with only shard subscriptions answers plainly
+            shard.pong.set()
+            return
         if not isinstance(value, list) or len(value) < 2 or not isinstance(value[0], bytes):
             return
         kind = value[0].lower()
