@@ -382,7 +382,12 @@ async def start_mini(nursery: trio.Nursery, faults: Faults = Faults()) -> int:
 async def _serve_forever(faults: Faults) -> None:
     async with trio.open_nursery() as nursery:
         port = await start_mini(nursery, faults)
-        print(f"serving on 127.0.0.1:{port} with {faults}", flush=True)
+        changed = {
+            field.name: getattr(faults, field.name)
+            for field in attrs.fields(Faults)
+            if getattr(faults, field.name) != field.default
+        }
+        print(f"serving on 127.0.0.1:{port} with the faults {changed}", flush=True)
 
 
 def main(argv: list[str]) -> None:

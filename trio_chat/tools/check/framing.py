@@ -107,7 +107,7 @@ async def expect_both(a: Conn, b: Conn, step: str, expected: bytes) -> None:
     await b.expect(step, expected)
 
 
-@case("announcements and CHATs byte for byte: PROTOCOL.md's wording, a blank line after each")
+@case("announcements and CHATs byte for byte: the protocol's wording, a blank line after each")
 async def case_broadcasts(ctx: Context) -> None:
     room = ctx.room("words")
     a, b = await ctx.connect("a"), await ctx.connect("b")

@@ -27,8 +27,11 @@ async def case_slow_reader(ctx: Context) -> None:
     cut_off, _ = ctx.profile.render(s.left_announcement)
 
     # The writer reads its own echoes while it sends, and never runs more than
-    # `flood_window` bytes ahead of them: it must not become a slow reader itself.
+    # `flood_window` bytes ahead of them: it must not become a slow reader itself. To a server
+    # that reads one request per recv, it sends each message once the one before came back.
     window = max(1, settings.flood_window // settings.flood_message)
+    if not ctx.profile.pipelining:
+        window = 1
     in_flight, landed = trio.open_memory_channel[None](window)
 
     async def send_all() -> None:

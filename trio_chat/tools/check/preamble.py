@@ -58,7 +58,7 @@ async def _greeting(a: Conn, profile: Profile) -> None:
         profile.add(
             Cause(
                 "greeting",
-                f"sends {profile.greeting!r} on connecting (PROTOCOL.md: nothing)",
+                f"sends {profile.greeting!r} on connecting (the protocol: nothing)",
                 subject=("connect_silence",),
             )
         )
@@ -102,9 +102,8 @@ async def _pipelining(ctx: Context, a: Conn, profile: Profile) -> None:
         profile.add(
             Cause(
                 "pipelining",
-                "reads one request per recv: of two HELOs sent in one segment only "
-                f"{arrived.count(b'HELO pipelined-')} got a reply (the barrier is sent only "
-                "once the reply before it has arrived)",
+                "reads one request per recv: of two HELOs sent in one segment, "
+                f"{arrived.count(b'HELO pipelined-')} got a reply",
                 subject=("pipelining",),
             )
         )
@@ -118,7 +117,7 @@ async def _unknown(a: Conn, profile: Profile) -> None:
         profile.add(
             Cause(
                 "answers-unknown",
-                f"replies to a line that starts no request (PROTOCOL.md: no reply at all): "
+                f"replies to a line that starts no request (the protocol: no reply at all): "
                 f"{bytes(a.buffer)[:200]!r}",
                 subject=("unknown_lines", "grader"),
             )
@@ -160,7 +159,7 @@ async def _join_leave(ctx: Context, a: Conn, profile: Profile) -> None:
             profile.add(
                 Cause(
                     "chat-end",
-                    "CHAT messages end with one newline where PROTOCOL.md ends them with a "
+                    "CHAT messages end with one newline where the protocol ends them with a "
                     "blank line (\\n\\n)",
                     subject=("broadcasts",),
                 )
@@ -199,7 +198,7 @@ def _learn_wording(profile: Profile, message: str, name: str, verb: str) -> None
     else:
         profile.left_message = learned
     shown, expected = message.replace(name, "<name>"), standard.replace(name, "<name>")
-    said = f"{shown!r} where PROTOCOL.md says {expected!r}"
+    said = f"{shown!r} where the protocol says {expected!r}"
     earlier = profile.causes.pop("wording", None)
     text = f"{earlier.text}; {said}" if earlier else f"announcements say {said}"
     profile.add(Cause("wording", text, subject=("broadcasts",)))

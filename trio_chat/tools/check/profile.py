@@ -33,7 +33,7 @@ class Cause:
 KNOWN = {
     "join-order": Cause(
         "join-order",
-        "the join announcement comes before the JOINED reply (PROTOCOL.md: JOINED first)",
+        "the join announcement comes before the JOINED reply (the protocol: JOINED first)",
         subject=("join",),
     ),
     "no-own-leave": Cause(

@@ -320,6 +320,8 @@ class Conn:
             return arrived
         if not _incomplete(arrived, accepted) or (arrived in known and arrived not in accepted):
             return arrived
+        if not self.profile.pipelining and arrived not in accepted:
+            return arrived  # the rest was awaited before the barrier was sent
         settings = self.settings
         wait = settings.optional_wait if arrived in accepted else settings.reply_timeout
         with trio.move_on_after(wait):
