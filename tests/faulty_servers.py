@@ -285,7 +285,9 @@ class MiniServer:
             elif isinstance(event, Leave):
                 if faults.silent_stray_leave and event.room_ref not in session.rooms:
                     return False
-                outcome = registry.leave(session, event.room_ref, event.join_id)
+                outcome = registry.leave(
+                    session, event.room_ref, event.join_id, written=event.written
+                )
                 assert outcome.reply is not None
                 conn.push(outcome.reply)
                 if faults.no_self_leave and outcome.events:

@@ -71,6 +71,30 @@ async def case_error_2(ctx: Context) -> None:
     await a.expect("CHAT to an unknown room", templates.error(2))
 
 
+@case("ROOM_REF and JOIN_ID: integers of any size and sign; an unknown one is no such room")
+async def case_integers(ctx: Context) -> None:
+    a = await ctx.connect("a")
+    name = ctx.name("counter")
+    m = await a.join(ctx.room("room"), name)
+    huge = "9" * 31
+    for ref in ("-1", huge):
+        await a.send(templates.chat_request(ref, m.join_id, name, "hi"))
+        await a.expect(f"CHAT to ROOM_REF {ref}: no such room", templates.error(2))
+    for ref, join_id in (("-0042", "-7"), (huge, "0" * 28 + "123")):
+        await a.send(templates.leave_request(f"  {ref} ", join_id, name))
+        await a.expect(
+            f"LEAVE of ROOM_REF {ref} with JOIN_ID {join_id}: LEFT echoes both as written",
+            templates.left(ref, join_id),
+        )
+    for join_id in ("-5", huge):
+        text = f"sent with JOIN_ID {join_id}"
+        await a.send(templates.chat_request(m.room_ref, join_id, name, text))
+        await a.expect(f"CHAT with JOIN_ID {join_id}: relayed", m.chat(text))
+    for join_id in ("", "one"):
+        await a.send(templates.chat_request(m.room_ref, join_id, name, "hi"))
+        await a.expect(f"CHAT with JOIN_ID {join_id!r}: not an integer", templates.error(1))
+
+
 @case("error 3: CHAT to a room the connection is not in; the room hears nothing")
 async def case_error_3(ctx: Context) -> None:
     a, b = await ctx.connect("a"), await ctx.connect("b")
@@ -165,6 +189,7 @@ ERROR_CASES: list[Case] = [
     case_missing_field,
     case_error_1,
     case_error_2,
+    case_integers,
     case_error_3,
     case_error_4,
     case_error_5,
