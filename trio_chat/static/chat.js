@@ -110,12 +110,14 @@
   // -- the connection ---------------------------------------------------------------------------
 
   function connect() {
+    if (state.socket) state.socket.close(); // a reconnect while still connecting: start afresh
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const socket = new WebSocket(`${scheme}//${location.host}/ws`);
     let opened = false;
     state.socket = socket;
     status("connecting");
     socket.addEventListener("open", () => {
+      if (state.socket !== socket) return;
       opened = true;
       status("connected");
       hideBanner();
@@ -123,7 +125,7 @@
       render();
     });
     socket.addEventListener("message", (event) => {
-      if (typeof event.data === "string") received(event.data);
+      if (state.socket === socket && typeof event.data === "string") received(event.data);
     });
     socket.addEventListener("close", (event) => {
       if (state.socket !== socket) return;
