@@ -204,7 +204,7 @@ async def test_rooms_errors_and_a_server_restart(
         browser.find_element(By.ID, "join-room").send_keys(room + Keys.ENTER)
 
     def switch_to(room: str) -> None:
-        browser.find_element(By.XPATH, f"//ul[@id='rooms']//button[text()='{room}']").click()
+        browser.find_element(By.XPATH, f"//ul[@id='rooms']//button[@title='{room}']").click()
 
     await in_thread(log_in)
     await in_thread(wait_for_line, browser, "cat: cat has joined this chatroom.")

@@ -246,7 +246,11 @@
       button.className = "tab";
       if (room === state.current) button.setAttribute("aria-current", "true");
       if (!room.joined) button.classList.add("pending");
-      button.textContent = room.name;
+      const name = document.createElement("span");
+      name.className = "tab-name";
+      name.textContent = room.name;
+      button.title = room.name;
+      button.append(name);
       if (room.unread) {
         const badge = document.createElement("span");
         badge.className = "unread";
