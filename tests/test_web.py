@@ -494,6 +494,17 @@ def test_web_options_reach_the_config() -> None:
     assert config_from_args(build_parser().parse_args(argv[:3])).web_port is None
 
 
+def test_largest_chat_always_fits_in_one_websocket_message() -> None:
+    """Unless set, web_max_message follows max_message (through max_line), from the command
+    line too, so the largest CHAT the protocol accepts is never refused by the web door."""
+    for argv in (["--port", "0"], ["--port", "0", "--max-message", "1000000"]):
+        config = config_from_args(build_parser().parse_args(["serve", *argv]))
+        request = chat_request(0, 0, "n" * config.max_name, "x" * config.max_message)
+        assert len(request.encode()) <= config.web_max_message
+    argv = ["serve", "--port", "0", "--max-message", "1000000", "--web-max-message", "9000"]
+    assert config_from_args(build_parser().parse_args(argv)).web_max_message == 9000
+
+
 def test_web_port_in_use_is_one_line_naming_web_port() -> None:
     """A web port another process listens on is reported in one line naming --web-port."""
     with socket.socket() as busy:

@@ -360,7 +360,7 @@ def _limit_options(group: ArgumentGroup) -> None:
         group.add_argument(
             "--" + name.replace("_", "-"),
             type=not_negative(kind) if name in _ZERO_TURNS_OFF else positive(kind),
-            default=value,
+            default=None,  # unset: Config's default, which may follow other settings
             metavar="N" if kind is int else "SECONDS",
             help=f"{help_text} (default: {'off' if value is None else value})",
         )
@@ -483,7 +483,7 @@ def describe_listen_error(config: Config, error: OSError) -> str:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The server settings named on the command line."""
-    tunables = {name: getattr(args, name) for name in _TUNABLES}
+    tunables = {name: getattr(args, name) for name in _TUNABLES if getattr(args, name) is not None}
     return Config(
         host=args.host,
         port=args.port,

@@ -119,11 +119,15 @@ class Config:
     """Most bytes of an HTTP request head (request line and headers) held while it is still
     incomplete (more: 431). Browsers send a few hundred bytes to this server, which sets no
     cookies."""
-    web_max_message: int = field(default=256 * KIB, validator=_positive)
+    web_max_message: int = field(
+        default=Factory(lambda config: 4 * config.max_line, takes_self=True),
+        validator=_positive,
+    )
     """Longest WebSocket message from a client, in bytes (more: close code 1009). Text is fed
     to the request parser as it arrives, so this is not a buffer: it keeps one message within
-    sight of the protocol's own limits while leaving room for the largest CHAT request (a
-    `max_message` text plus its header lines) and a few small requests pipelined with it."""
+    sight of the protocol's own limits. By default four request lines (256 KiB + 36): the
+    largest CHAT request (a `max_message` text plus its short header lines) with room for
+    requests pipelined beside it, whatever `max_message` is set to."""
 
     # -- TLS (PROTOCOL.md section 7) -----------------------------------------------------------
     tls_port: int | None = None
