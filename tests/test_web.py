@@ -23,6 +23,7 @@ from tests.test_cli import assert_runtime_error, trio_chat_command
 from tests.wsclient import Closed, Rejected, WebSocketClient, exchange, fetch
 from trio_chat.cli import build_parser, config_from_args
 from trio_chat.config import Config
+from trio_chat.limits import AddressSet
 from trio_chat.server import ChatServer
 from trio_chat.web import Response, WebDoor, origin_allowed, route, static_file
 
@@ -514,3 +515,33 @@ def test_web_port_in_use_is_one_line_naming_web_port() -> None:
         argv = ("serve", "--host", "127.0.0.1", "--port", "0", "--web-port", port)
         result = trio_chat_command(*argv)
     assert_runtime_error(result, "--web-port", "in use", port)
+
+
+# -- operator policies apply to the web door as to every door ---------------------------------
+
+
+async def test_websocket_members_count_against_the_per_address_limit(start: Start) -> None:
+    """WebSocket and TCP connections from one address share --max-connections-per-ip; the
+    one past it gets error 5 as one message, then a normal close."""
+    running = await start(max_connections_per_ip=2, limit_exempt=AddressSet.parse("none"))
+    first = await running.websocket()
+    await first.send_text("HELO one\n")
+    assert (await first.receive()).startswith("HELO one\n")
+    tcp = await running.tcp()
+    await tcp.send("HELO two\n")
+    await tcp.receive_until(b"StudentID:" + STUDENT_ID.encode() + b"\n")
+    refused = await running.websocket()
+    error = await refused.receive()
+    assert error.startswith("ERROR_CODE: 5\nERROR_DESCRIPTION: too many connections from ")
+    assert error.count("\n") == 2  # exactly the protocol's two lines
+    assert await refused.expect_close() == 1000
+
+
+async def test_kill_service_over_websocket_honours_kill_allow(start: Start) -> None:
+    """From an address outside --kill-allow, KILL_SERVICE over the WebSocket is ignored like
+    an unknown line: no reply, the member is served on, the service runs."""
+    running = await start(kill_allow=AddressSet.parse("192.0.2.0/24"))
+    web = await running.websocket()
+    await web.send_text("KILL_SERVICE\nHELO after\n")
+    assert (await web.receive()).startswith("HELO after\n")
+    assert not running.server.shutdown_scope.cancel_called
