@@ -5,8 +5,9 @@
 #
 # Works from any directory. The first run creates .venv inside the project and installs the
 # package into it (editable, so later changes to the code take effect); later runs reuse it
-# and reinstall only when pyproject.toml changed. The server replaces this script's process,
-# so a signal sent to the script (Ctrl-C, kill) reaches the server directly.
+# and reinstall only when pyproject.toml or the version (in trio_chat/__init__.py) changed.
+# The server replaces this script's process, so a signal sent to the script (Ctrl-C, kill)
+# reaches the server directly.
 set -euo pipefail
 
 if [ $# -lt 1 ] || ! [[ "$1" =~ ^[0-9]+$ ]]; then
@@ -21,6 +22,9 @@ venv="$root/.venv"
 stamp="$venv/.trio-chat-installed"
 python=${PYTHON:-python3}
 
+# What the installed metadata depends on: the project's settings and its version.
+fingerprint() { cat "$root/pyproject.toml" "$root/trio_chat/__init__.py"; }
+
 install() {
     if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
         echo "trio-chat needs Python 3.11 or newer as '$python' (set PYTHON=...)" >&2
@@ -29,13 +33,13 @@ install() {
     echo "trio-chat: installing into $venv (first run only)" >&2
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[redis]" >&2
-    cp "$root/pyproject.toml" "$stamp"
+    fingerprint >"$stamp"
 }
 
 # One installer at a time: two servers started at once on a fresh clone share one venv.
 exec 9>"$root/.venv.lock"
 flock 9
-if [ ! -x "$venv/bin/trio-chat" ] || ! cmp -s "$root/pyproject.toml" "$stamp"; then
+if [ ! -x "$venv/bin/trio-chat" ] || ! fingerprint | cmp -s - "$stamp"; then
     install
 fi
 exec 9>&-

@@ -149,8 +149,19 @@ def test_a_tool_usage_error_shows_the_tool_usage() -> None:
     """An unknown benchmark scenario is reported with bench's own usage, status 2."""
     result = trio_chat_command("bench", "127.0.0.1", "1", "huge")
     assert result.returncode == USAGE_ERROR
-    assert result.stderr.startswith("usage: trio-chat bench ")
-    assert "unknown scenario 'huge'" in result.stderr
+    assert result.stderr.splitlines() == [
+        "usage: trio-chat bench HOST PORT [SCENARIO ...] [options]",
+        "trio-chat bench: error: unknown scenario 'huge' (known: big, small, paced)",
+    ]
+
+
+def test_a_tool_failure_at_run_time_is_one_line() -> None:
+    """A benchmark that cannot reach its server says so in one line, status 1."""
+    result = trio_chat_command("bench", "127.0.0.1", str(free_port()), "small")
+    assert result.returncode == RUNTIME_ERROR, result.stderr
+    assert result.stderr.splitlines() == [
+        f"trio-chat bench: small: cannot connect to 127.0.0.1:{result.args[-2]}: Connection refused"
+    ]
 
 
 # -- the command itself ------------------------------------------------------------------------

@@ -216,3 +216,18 @@ def test_start_without_a_port_prints_usage(args: list[str]) -> None:
     )
     assert result.returncode == 2
     assert "usage" in result.stderr
+
+
+def test_start_with_a_port_out_of_range_is_a_usage_error() -> None:
+    """A PORT past 65535 reaches the server's own check: its usage and the reason, status 2."""
+    result = subprocess.run(
+        [str(START), "70000"],
+        capture_output=True,
+        text=True,
+        timeout=FIRST_START_TIMEOUT,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "trio-chat serve: error: argument --port: must be 0-65535, not 70000" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -422,6 +422,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add the ``client`` command to the ``trio-chat`` command line."""
     parser = commands.add_parser(
         "client",
+        usage="%(prog)s HOST PORT --name NAME [--room ROOM]",
         help="chat from the terminal",
         description="A terminal chat client. Messages print as [room] name: text.",
         epilog=HELP,

@@ -30,6 +30,7 @@ def add_parser(commands: Commands) -> None:
     """Register ``trio-chat bench``."""
     parser = commands.add_parser(
         "bench",
+        usage="%(prog)s HOST PORT [SCENARIO ...] [options]",
         help="measure fan-out against a running server, checking every delivery",
         description=DESCRIPTION,
     )
@@ -84,9 +85,13 @@ def loads_from_args(args: argparse.Namespace) -> list[tuple[str, Load]]:
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         raise ValueError(f"unknown scenario {unknown[0]!r} (known: {', '.join(SCENARIOS)})")
-    if not names:
-        return [("custom", Load(**overrides))]
-    return [(n, evolve(SCENARIOS[n], **overrides)) for n in names]
+    loads = [(n, evolve(SCENARIOS[n], **overrides)) for n in names]
+    loads = loads or [("custom", Load(**overrides))]
+    for name, load in loads:
+        problem = load.problem()
+        if problem is not None:
+            raise ValueError(f"{name}: {problem}")
+    return loads
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -110,7 +115,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             if progress is not None and tty:
                 sys.stderr.write("\n")
             print(f"trio-chat bench: {name}: {error}", file=sys.stderr)
-            return 2
+            return 1  # the run could not be set up: a failure at run time
         finally:
             if progress is not None and tty:
                 sys.stderr.write("\r\x1b[K")

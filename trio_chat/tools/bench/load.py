@@ -33,6 +33,16 @@ class Load:
         """Deliveries a correct server makes: every message to every member but its sender."""
         return self.rooms * self.senders * self.messages * (self.members - 1)
 
+    def problem(self) -> str | None:
+        """What makes this load impossible to run, or None."""
+        if self.members < 2 or not 1 <= self.senders < self.members:
+            return "need at least one sender and member 0 that only receives"
+        if self.senders > MAX_SENDERS_PER_ROOM:
+            return f"at most {MAX_SENDERS_PER_ROOM} senders per room"
+        if min(self.rooms, self.messages, self.size) < 1 or self.rate < 0 or self.window < 0:
+            return "rooms, messages and size must be positive; rate and window not negative"
+        return None
+
 
 # The scenarios of the comparison with other servers (docs/performance.md), with the same
 # names and figures as the C load generator used there.

@@ -21,7 +21,7 @@ import time
 from attrs import define, field
 
 from trio_chat.tools.bench.checking import Checker
-from trio_chat.tools.bench.load import MAX_SENDERS_PER_ROOM, BenchError, Digits, Load, message
+from trio_chat.tools.bench.load import BenchError, Digits, Load, message
 from trio_chat.tools.bench.members import (
     CLOSED,
     CONNECTING,
@@ -283,12 +283,9 @@ def run_load(
     Blocking: it runs its own event loop (from trio, call it in a thread). Raises
     `BenchError` when the run cannot be set up; wrong deliveries are counted, not raised.
     """
-    if load.members < 2 or not 1 <= load.senders < load.members:
-        raise BenchError("need at least one sender and member 0 that only receives")
-    if load.senders > MAX_SENDERS_PER_ROOM:
-        raise BenchError(f"at most {MAX_SENDERS_PER_ROOM} senders per room")
-    if min(load.rooms, load.messages, load.size) < 1 or load.rate < 0 or load.window < 0:
-        raise BenchError("rooms, messages and size must be positive; rate and window not negative")
+    problem = load.problem()
+    if problem is not None:
+        raise BenchError(problem)
     result = Result(scenario=scenario, load=load)
     status = Status(scenario, progress)
     digits = Digits.for_load(load)

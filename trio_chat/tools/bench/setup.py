@@ -52,7 +52,10 @@ class Setup:
         """Connect and join every member, then wait until no announcement is left in flight."""
         load = self.load
         raise_open_files_limit(load.rooms * load.members + 64)
-        address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
+        try:
+            address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as error:
+            raise BenchError(f"cannot resolve {self.host}: {error.strerror}") from None
         family, _, _, _, sockaddr = address
         rooms = [Room(r) for r in range(load.rooms)]
         self._create(rooms, family)
