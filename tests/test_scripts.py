@@ -31,7 +31,7 @@ START = Path(__file__).resolve().parent.parent / "scripts" / "start.sh"
 # as long as Python takes to import trio.
 FIRST_START_TIMEOUT = 180.0
 START_TIMEOUT = 30.0
-# PROTOCOL.md: KILL_SERVICE stops the service promptly ("well under a second with no backlog").
+# docs/protocol.md: KILL_SERVICE stops the service promptly ("well under a second with no backlog").
 KILL_EXIT_TIMEOUT = 2.0
 # Signals must stop it cleanly too; how fast matters less than that it exits 0.
 SIGNAL_EXIT_TIMEOUT = 10.0
