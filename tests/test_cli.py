@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +109,31 @@ def test_missing_redis_extra_names_the_install_command() -> None:
         "serve", "--port", "0", "--redis", "redis://127.0.0.1:1/0", prelude=hide
     )
     assert_runtime_error(result, "--redis", "pip install 'trio-chat[redis]'")
+
+
+async def test_a_signal_while_starting_stops_cleanly() -> None:
+    """SIGTERM while the server still waits for Redis ends it with status 0 and one log line."""
+    with socket.socket() as silent:  # a "Redis" that takes connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        command = [sys.executable, "-m", "trio_chat", "serve", "--port", "0", "--redis", url]
+        process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                # Its connection to Redis is the sign that it is starting (signals are
+                # handled from before that).
+                accepted, _ = await trio.to_thread.run_sync(silent.accept)
+                with accepted:
+                    process.send_signal(signal.SIGTERM)
+                    assert await process.wait() == 0
+        finally:
+            process.kill()
+            await process.wait()
+    assert process.stderr is not None
+    stderr = (await process.stderr.receive_some()).decode()
+    assert "shutting down: SIGTERM while starting" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
 
 
 # -- usage errors ------------------------------------------------------------------------------

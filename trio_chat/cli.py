@@ -526,36 +526,43 @@ def redis_settings_from_args(args: argparse.Namespace) -> RedisSettings | None:
 
 
 async def run_server(config: Config, redis: RedisSettings | None = None) -> None:
-    """Serve until KILL_SERVICE, SIGINT or SIGTERM; each ends the process cleanly."""
-    if redis is None:
-        await _serve_until_signalled(ChatServer(config))
-    else:
-        from trio_chat.broker import registry_for
-        from trio_chat.redis import RedisBroker
-
-        async with RedisBroker.connect(redis, registry_for(config)) as broker:
-            await _serve_until_signalled(ChatServer(config, broker))
-
-
-async def _serve_until_signalled(server: ChatServer) -> None:
-    # A signal stops this process the way KILL_SERVICE does, but not the other nodes.
+    """Serve until KILL_SERVICE, SIGINT or SIGTERM; each ends the process cleanly, a signal
+    even while the server is still starting (connecting to Redis, say)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            serving: list[ChatServer] = []  # the server, once it listens
 
             async def stop_on_signal() -> None:
+                # A signal stops this process the way KILL_SERVICE does, not the other nodes.
                 async for signum in signals:
-                    server.shutdown(signal.Signals(signum).name, everywhere=False)
-
-            async def serve(task_status: trio.TaskStatus[object]) -> None:
-                await server.serve(task_status=task_status)
-                nursery.cancel_scope.cancel()
+                    name = signal.Signals(signum).name
+                    if serving:
+                        serving[0].shutdown(name, everywhere=False)
+                    else:
+                        log.info("shutting down: %s while starting", name)
+                        nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_on_signal)
-            try:
-                await nursery.start(serve)
-            except (OSError, BaseExceptionGroup) as exc:
-                error = only(exc, OSError)
-                if error is None:
-                    raise
-                log.debug("the server could not listen", exc_info=error)
-                raise StartupError(describe_listen_error(server.config, error)) from None
+            if redis is None:
+                await _serve(ChatServer(config), serving)
+            else:
+                from trio_chat.broker import registry_for
+                from trio_chat.redis import RedisBroker
+
+                async with RedisBroker.connect(redis, registry_for(config)) as broker:
+                    await _serve(ChatServer(config, broker), serving)
+            nursery.cancel_scope.cancel()
+
+
+async def _serve(server: ChatServer, serving: list[ChatServer]) -> None:
+    """Run `server` until it stops; a failure to listen becomes a `StartupError`."""
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(server.serve)
+        except (OSError, BaseExceptionGroup) as exc:
+            error = only(exc, OSError)
+            if error is None:
+                raise
+            log.debug("the server could not listen", exc_info=error)
+            raise StartupError(describe_listen_error(server.config, error)) from None
+        serving.append(server)
