@@ -23,6 +23,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.chatclient import Client, free_port
+from tests.conftest import TLSFiles
 from trio_chat.config import Config
 from trio_chat.server import ChatServer
 
@@ -53,6 +54,7 @@ def open_browser() -> webdriver.Chrome:
     """A headless Chromium through the system's chromedriver (Selenium Manager not used)."""
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
+    options.accept_insecure_certs = True  # the HTTPS test's certificate is from a test CA
     for argument in (
         "--headless=new",
         "--no-sandbox",  # CI runs as root
@@ -243,3 +245,15 @@ async def test_rooms_errors_and_a_server_restart(
     await in_thread(type_message, browser, "still in the kitchen")
     await in_thread(wait_for_line, browser, "cat: still in the kitchen")
     assert await in_thread(room_tabs, browser) == ["kitchen"]
+
+
+async def test_page_over_https_chats_over_secure_websocket(
+    browser: webdriver.Chrome, servers: Servers, tls_files: TLSFiles
+) -> None:
+    """With --web-tls the page loads over HTTPS and chats over wss:// from its own origin."""
+    web_port = free_port()
+    await servers(web_port, web_tls=True, tls_cert=tls_files.cert, tls_key=tls_files.key)
+    await in_thread(browser.get, f"https://127.0.0.1:{web_port}/?name=sue&room=secure")
+    await in_thread(wait_for_line, browser, "sue: sue has joined this chatroom.")
+    await in_thread(type_message, browser, "over TLS")
+    await in_thread(wait_for_line, browser, "sue: over TLS")

@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from tests.chatclient import Client
+from tests.conftest import TLSFiles
 from tests.test_cli import assert_runtime_error, trio_chat_command
 from tests.wsclient import Closed, Rejected, WebSocketClient, exchange, fetch
 from trio_chat.cli import build_parser, config_from_args
@@ -41,6 +42,7 @@ class Running:
     streams: list[trio.abc.AsyncResource] = attrs.field(factory=list)
 
     async def websocket(self, **kwargs: Any) -> WebSocketClient:
+        """A WebSocket client of the web door (`WebSocketClient.connect`'s options)."""
         client = await WebSocketClient.connect(self.web_port, **kwargs)
         self.streams.append(client.stream)
         return client
@@ -545,3 +547,40 @@ async def test_kill_service_over_websocket_honours_kill_allow(start: Start) -> N
     await web.send_text("KILL_SERVICE\nHELO after\n")
     assert (await web.receive()).startswith("HELO after\n")
     assert not running.server.shutdown_scope.cancel_called
+
+
+# -- the web door over TLS ------------------------------------------------------------------------
+
+
+async def test_web_tls_serves_the_page_and_secure_websockets(
+    start: Start, tls_files: TLSFiles
+) -> None:
+    """With --web-tls the page comes over HTTPS and members over wss://, their own page's
+    https:// origin accepted, HELO and JOINED naming the web door."""
+    running = await start(web_tls=True, tls_cert=tls_files.cert, tls_key=tls_files.key)
+    tls = tls_files.client_context
+    [(status, headers, page)] = await fetch(running.web_port, "/", tls=tls)
+    assert (status, headers[b"content-type"]) == (200, b"text/html; charset=utf-8")
+    assert b'id="message"' in page
+    origin = f"https://127.0.0.1:{running.web_port}"
+    web = await running.websocket(tls=tls, origin=origin)
+    await web.send_text("HELO secure\n" + join_request("lobby", "ann"))
+    await web.expect(
+        f"HELO secure\nIP:127.0.0.1\nPort:{running.web_port}\nStudentID:{STUDENT_ID}\n",
+        joined("lobby", running.web_port, 0, 0),
+        has_joined(0, "ann"),
+    )
+    await web.send_text("DISCONNECT: 0\nPORT: 0\nCLIENT_NAME: ann\n")
+    await web.expect(has_left(0, "ann"))
+    assert await web.expect_close() == 1000
+
+
+async def test_web_tls_needs_a_web_port_and_a_certificate(tls_files: TLSFiles) -> None:
+    """--web-tls without --web-port or without --tls-cert is refused when the settings are
+    made, and so is a certificate with neither --tls-port nor --web-tls."""
+    with pytest.raises(ValueError, match="--web-tls needs"):
+        Config(web_tls=True, web_port=0)
+    with pytest.raises(ValueError, match="--web-tls needs"):
+        Config(web_tls=True, tls_cert=tls_files.cert)
+    with pytest.raises(ValueError, match="--tls-port or --web-tls"):
+        Config(tls_cert=tls_files.cert)

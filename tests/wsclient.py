@@ -6,6 +6,8 @@ It uses no part of the project, so tests check the web door as any WebSocket cli
 
 from __future__ import annotations
 
+import ssl
+
 import h11
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -47,7 +49,7 @@ class Closed(Exception):
 class WebSocketClient:
     """One WebSocket connection to the web door."""
 
-    def __init__(self, stream: trio.SocketStream, ws: WSConnection) -> None:
+    def __init__(self, stream: trio.abc.Stream, ws: WSConnection) -> None:
         self.stream = stream
         self.ws = ws
         self._events: list[Event] = []
@@ -62,9 +64,11 @@ class WebSocketClient:
         origin: str | None = None,
         path: str = "/ws",
         host: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
     ) -> WebSocketClient:
-        """Open a WebSocket to the web door on `port`; raise `Rejected` if it refuses."""
-        stream = await trio.open_tcp_stream(host, port)
+        """Open a WebSocket to the web door on `port` (over TLS with a `tls` context); raise
+        `Rejected` if it refuses."""
+        stream = await open_stream(port, host, tls)
         ws = WSConnection(ConnectionType.CLIENT)
         headers = [(b"origin", origin.encode())] if origin is not None else []
         await stream.send_all(
@@ -155,12 +159,24 @@ class WebSocketClient:
         await self.stream.aclose()
 
 
+async def open_stream(port: int, host: str, tls: ssl.SSLContext | None) -> trio.abc.Stream:
+    """A TCP connection to `host`:`port`, inside TLS if given a context."""
+    stream = await trio.open_tcp_stream(host, port)
+    if tls is None:
+        return stream
+    encrypted = trio.SSLStream(stream, tls, server_hostname=host)
+    with trio.fail_after(RECEIVE_TIMEOUT):
+        await encrypted.do_handshake()
+    return encrypted
+
+
 async def fetch(
-    port: int, *targets: str, method: str = "GET"
+    port: int, *targets: str, method: str = "GET", tls: ssl.SSLContext | None = None
 ) -> list[tuple[int, dict[bytes, bytes], bytes]]:
-    """Request `targets` one after another on one HTTP connection: (status, headers, body)
-    of each response, until the server answers them all or closes the connection."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    """Request `targets` one after another on one HTTP connection (HTTPS with a `tls`
+    context): (status, headers, body) of each response, until the server answers them all
+    or closes the connection."""
+    stream = await open_stream(port, "127.0.0.1", tls)
     client = h11.Connection(h11.CLIENT)
     responses: list[tuple[int, dict[bytes, bytes], bytes]] = []
     with trio.fail_after(RECEIVE_TIMEOUT):

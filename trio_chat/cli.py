@@ -270,6 +270,11 @@ def _web_options(group: ArgumentGroup) -> None:
         help="other sites' pages (scheme://host[:port]) that may open the WebSocket, or '*' "
         "for any; the server's own page always may (default: only it)",
     )
+    group.add_argument(
+        "--web-tls",
+        action="store_true",
+        help="serve the page and its WebSocket over TLS (https://, wss://) with --tls-cert",
+    )
 
 
 def _open_options(group: ArgumentGroup) -> None:
@@ -493,6 +498,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         web_port=args.web_port,
         web_host=args.web_host,
         web_origins=tuple(o.strip() for o in args.web_origins.split(",") if o.strip()),
+        web_tls=args.web_tls,
         tls_port=args.tls_port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

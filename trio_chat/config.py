@@ -106,6 +106,9 @@ class Config:
     opens no web door, 0 picks a free port."""
     web_host: str | None = None
     """Address the web door listens on; None listens where `host` says."""
+    web_tls: bool = False
+    """Serve the web door over TLS (``https://`` and ``wss://``) with the certificate of
+    `tls_cert` and `tls_key`; browsers warn about plain HTTP pages on any other host."""
     web_origins: tuple[str, ...] = field(default=(), validator=_origins)
     """Origins (``scheme://host[:port]``) of other sites' pages that may open the WebSocket,
     besides the server's own page, which always may; ``*`` allows any page. The check keeps
@@ -182,8 +185,11 @@ class Config:
     def __attrs_post_init__(self) -> None:
         if self.tls_port is not None and self.tls_cert is None:
             raise ValueError("a TLS port needs a certificate (--tls-cert)")
-        if self.tls_port is None and (self.tls_cert is not None or self.tls_key is not None):
-            raise ValueError("a TLS certificate or key needs a TLS port (--tls-port)")
+        uses_tls = self.tls_port is not None or self.web_tls
+        if not uses_tls and (self.tls_cert is not None or self.tls_key is not None):
+            raise ValueError("a TLS certificate or key needs --tls-port or --web-tls")
+        if self.web_tls and (self.web_port is None or self.tls_cert is None):
+            raise ValueError("--web-tls needs --web-port and a certificate (--tls-cert)")
         if self.request_burst is not None and self.request_rate is None:
             raise ValueError("a request burst needs a request rate (--request-rate)")
         if self.request_burst is not None and self.request_burst < 1:

@@ -321,7 +321,8 @@ class ChatServer:
             raise ValueError("TLS listeners need a certificate (tls_cert)")
         slots = trio.Semaphore(config.max_connections)
         self.web_listeners = list(web_listeners)
-        door = WebDoor(config, functools.partial(self.serve_transport, listener="web"))
+        serve_web = functools.partial(self.serve_transport, listener="web")
+        door = WebDoor(config, serve_web, self.tls_context)
         doors: list[tuple[str, Sequence[trio.SocketListener], SocketHandler]] = [
             ("plain", listeners, self._serve_socket),
             ("tls", tls_listeners, self._serve_tls_socket),

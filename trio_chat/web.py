@@ -17,6 +17,7 @@ import importlib.resources
 import logging
 import math
 import os
+import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
@@ -39,6 +40,7 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason
 
+from trio_chat import tls
 from trio_chat.config import Config
 from trio_chat.transport import Transport, display_ip
 
@@ -198,7 +200,7 @@ class WebSocketTransport:
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         connection: WebSocketConnection,
         config: Config,
         *,
@@ -206,6 +208,8 @@ class WebSocketTransport:
         peer: str,
     ) -> None:
         self.stream = stream
+        # A plain socket's descriptor, for the close frame written at shutdown (see aclose).
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self.local = local
         self.peer = peer
         self._ws = connection
@@ -249,7 +253,7 @@ class WebSocketTransport:
                         await self._refuse(event.code, reason, await_answer=False)
                     break
             else:
-                data = await self.stream.receive_some(max_bytes)
+                data = bytes(await self.stream.receive_some(max_bytes))  # TLS gives bytearray
                 if not data:
                     self._input_over = True
                     break
@@ -267,7 +271,7 @@ class WebSocketTransport:
         ws = self._ws
         with trio.move_on_after(self._config.disconnect_grace):
             while ws.state is ConnectionState.LOCAL_CLOSING:
-                data = await self.stream.receive_some(self._config.receive_size)
+                data = bytes(await self.stream.receive_some(self._config.receive_size))
                 if not data:
                     break
                 ws.receive_data(data)
@@ -310,17 +314,18 @@ class WebSocketTransport:
         await self._send_frame(CloseConnection(code=CloseReason.NORMAL_CLOSURE))
 
     async def aclose(self) -> None:
-        """Close at once. A WebSocket still open gets one non-blocking try at a close frame
-        first: 1001 when the service is stopping (this runs cancelled), else 1000, so that a
-        browser tells its user why rather than showing a broken connection."""
-        if self._ws.state is ConnectionState.OPEN and not self._torn:
+        """Close at once. A WebSocket still open on a plain socket gets one non-blocking try
+        at a close frame first: 1001 when the service is stopping (this runs cancelled), else
+        1000, so that a browser tells its user why rather than showing a broken connection.
+        (Over TLS a frame cannot be written without awaiting: the browser sees the end.)"""
+        if self._ws.state is ConnectionState.OPEN and not self._torn and self._fd is not None:
             if trio.current_effective_deadline() == -math.inf:  # shutdown
                 goodbye = CloseConnection(CloseReason.GOING_AWAY, "server stopping")
             else:
                 goodbye = CloseConnection(CloseReason.NORMAL_CLOSURE)
             self.sent_close_code = goodbye.code
             with contextlib.suppress(OSError):
-                os.write(self.stream.socket.fileno(), self._ws.send(goodbye))
+                os.write(self._fd, self._ws.send(goodbye))
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await trio.aclose_forcefully(self.stream)
 
@@ -330,10 +335,14 @@ class WebDoor:
     `serve_transport` (the chat server's) as members like any other."""
 
     def __init__(
-        self, config: Config, serve_transport: Callable[[Transport], Awaitable[None]]
+        self,
+        config: Config,
+        serve_transport: Callable[[Transport], Awaitable[None]],
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.serve_transport = serve_transport
+        self.tls_context = tls_context  # with `Config.web_tls`: HTTPS and secure WebSockets
 
     async def serve_socket(self, stream: trio.SocketStream) -> None:
         """Serve one accepted connection: HTTP, until it ends or becomes a WebSocket."""
@@ -344,19 +353,33 @@ class WebDoor:
             await trio.aclose_forcefully(stream)
             return
         peer = f"{display_ip(peer_address[0])}:{peer_address[1]}"
+        http_stream: trio.abc.Stream = stream
+        if self.config.web_tls:
+            assert self.tls_context is not None
+            # Here, in the client's own task: a slow handshake holds up no one else.
+            encrypted = await tls.accept_tls(
+                stream,
+                self.tls_context,
+                handshake_timeout=self.config.tls_handshake_timeout,
+                peer=peer,
+            )
+            if encrypted is None:
+                await trio.aclose_forcefully(stream)
+                return
+            http_stream = encrypted
         try:
-            upgrade = await self.handle_http(stream, peer)
+            upgrade = await self.handle_http(http_stream, peer)
         except Exception:  # a bug: it ends this connection only, never the server
             log.exception("%s: unexpected error in the web door; closing", peer)
             await trio.aclose_forcefully(stream)
             return
         if upgrade is not None:
             transport = WebSocketTransport(
-                stream, upgrade.connection, self.config, local=(local[0], local[1]), peer=peer
+                http_stream, upgrade.connection, self.config, local=(local[0], local[1]), peer=peer
             )
             await self.serve_transport(transport)
 
-    async def handle_http(self, stream: trio.abc.HalfCloseableStream, peer: str) -> Upgrade | None:
+    async def handle_http(self, stream: trio.abc.Stream, peer: str) -> Upgrade | None:
         """Answer requests on `stream` until it closes or asks for a WebSocket.
 
         Returns the accepted WebSocket (its handshake already sent, the stream now the
@@ -381,7 +404,7 @@ class WebDoor:
         return upgrade
 
     async def _answer_requests(
-        self, http: h11.Connection, stream: trio.abc.HalfCloseableStream, peer: str
+        self, http: h11.Connection, stream: trio.abc.Stream, peer: str
     ) -> Upgrade | None:
         """Answer requests until the connection should close (None) or becomes a WebSocket."""
         while True:
@@ -407,7 +430,7 @@ class WebDoor:
             http.start_next_cycle()
 
     async def _next_request(
-        self, http: h11.Connection, stream: trio.abc.HalfCloseableStream
+        self, http: h11.Connection, stream: trio.abc.Stream
     ) -> h11.Request | None:
         """The next complete request head and its end (GET has no body), or None at EOF."""
         request: h11.Request | None = None
@@ -434,10 +457,15 @@ class WebDoor:
             return None  # an idle keep-alive connection: close it quietly
         raise _BadRequest(http, 408, "the request took too long to arrive")
 
-    async def _close(self, stream: trio.abc.HalfCloseableStream) -> None:
+    async def _close(self, stream: trio.abc.Stream) -> None:
         """Half-close, read what the client still sends for a short grace, then close: a
-        close with unread input would reset the connection and lose the last response."""
+        close with unread input would reset the connection and lose the last response.
+        (TLS cannot half-close: there, a graceful TLS close.)"""
         try:
+            if not isinstance(stream, trio.abc.HalfCloseableStream):
+                with trio.move_on_after(self.config.disconnect_grace):
+                    await stream.aclose()
+                return
             await stream.send_eof()
             with trio.move_on_after(self.config.disconnect_grace):
                 while await stream.receive_some(self.config.receive_size):
