@@ -95,7 +95,7 @@ class WebSocketClient:
             data = await self.stream.receive_some(65536)
             if not data:
                 raise EOFError("the server closed the TCP connection")
-            self.ws.receive_data(data)
+            self.ws.receive_data(bytes(data))
             self._events.extend(self.ws.events())
         return self._events.pop(0)
 
@@ -191,7 +191,7 @@ async def fetch(
             while True:
                 event = client.next_event()
                 if event is h11.NEED_DATA:
-                    client.receive_data(await stream.receive_some(65536))
+                    client.receive_data(bytes(await stream.receive_some(65536)))
                 elif isinstance(event, h11.Response):
                     status, headers = event.status_code, dict(event.headers)
                 elif isinstance(event, h11.Data):
