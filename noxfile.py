@@ -89,6 +89,13 @@ def membench(session: nox.Session) -> None:
 
 
 @nox.session
+def shutdownbench(session: nox.Session) -> None:
+    """Time the shutdown of a server holding 10,000 idle connections (KILL_SERVICE, SIGTERM)."""
+    session.install("-e", ".")
+    session.run("python", "scripts/shutdownbench.py", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Start a server on a free port and run the fan-out scenarios at it (``-- big --json``)."""
     session.install("-e", ".")

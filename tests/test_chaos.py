@@ -12,15 +12,19 @@ The default suite runs 200 churning clients; `nox -s soak` runs the issue's full
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import random
 import socket
 import struct
 import subprocess
 import sys
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 import trio.testing
 
@@ -499,3 +503,59 @@ async def test_server_out_of_descriptors_makes_clients_wait_not_fail() -> None:
     assert status == 0
     assert b"Too many open files" in server.log  # it did run out, and said so
     assert b"Traceback" not in server.log
+
+
+# -- shutdown in bounded time -------------------------------------------------------------------
+# How long 10,000 idle connections take to shut down is measured by `nox -s shutdownbench`;
+# these tests hold the three things that keep it short.
+
+
+async def test_an_idle_connection_on_a_socket_costs_one_task() -> None:
+    """An idle plain-socket connection runs its reader task only (its writer starts when a
+    client reads too slowly, or at the end): shutdown unwinds one task per connection."""
+    async with tcp_server() as (_server, port):
+        first = await Client.connect(port)
+        await first.barrier()  # the run's flusher is started by now
+        baseline = trio_tasks()
+        clients = [await Client.connect(port) for _ in range(20)]
+        for client in clients:
+            await client.barrier()
+        assert trio_tasks() - baseline == len(clients)
+        for client in [first, *clients]:
+            await client.aclose()
+
+
+async def test_a_connection_that_ends_is_freed_without_the_garbage_collector() -> None:
+    """Nothing of a connection is left in a reference cycle once it ends: with thousands
+    ending together at shutdown, the collector would otherwise walk them all again."""
+    gc.disable()
+    try:
+        async with tcp_server() as (server, port):
+            client = await Client.connect(port)
+            await client.send(join("room", "amy"))
+            await client.receive_until(b"has joined this chatroom.\n\n")
+            (connection,) = server.connections
+            gone = weakref.ref(connection)
+            del connection
+            await client.aclose()
+            await settle(lambda: not server.connections)
+            assert gone() is None
+    finally:
+        gc.enable()
+
+
+async def test_shutdown_logs_one_line_for_every_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At shutdown the server says once how many connections it closes, not once for each."""
+    caplog.set_level(logging.INFO, logger="trio_chat")
+    async with tcp_server() as (_server, port):
+        clients = [await Client.connect(port) for _ in range(5)]
+        for client in clients:
+            await client.barrier()
+        await clients[0].send("KILL_SERVICE\n")
+        for client in clients:
+            await client.expect_eof()
+            await client.aclose()
+    assert "closing 5 connections" in caplog.text
+    assert "disconnected" not in caplog.text

@@ -445,3 +445,95 @@ async def test_direct_write_to_a_full_socket_waits_for_the_writer() -> None:
         theirs.close()
     assert box.unsent == 0
     assert set(received[:-1]) == set(b"f")
+
+
+# -- a writer started only when needed ---------------------------------------------------------
+
+
+class Starter:
+    """Starts an outbox's writer in a nursery, and counts the starts."""
+
+    def __init__(self, box: Outbox, transport: Transport, nursery: trio.Nursery) -> None:
+        self.starts = 0
+        self.box, self.transport, self.nursery = box, transport, nursery
+
+    def __call__(self) -> None:
+        self.starts += 1
+        self.nursery.start_soon(self.box.run_writer, self.transport)
+
+
+async def test_attached_socket_needs_no_writer_until_it_falls_behind() -> None:
+    """With direct writes, an attached outbox starts no writer while the socket takes
+    everything; a write the socket cannot take whole starts it, once."""
+    inner, theirs = socket_pair(sndbuf=4096)
+    box = Outbox(10 << 20)
+    received = bytearray()
+    try:
+        async with trio.open_nursery() as nursery:
+            starter = Starter(box, inner, nursery)
+            box.attach(inner, direct=True, start_writer=starter)
+            box.push(b"small\n")
+            await trio.testing.wait_all_tasks_blocked()
+            assert read_available(theirs) == b"small\n"
+            assert starter.starts == 0
+            big = b"b" * (1 << 20)
+            box.push(big)
+            box.push(b"after\n")
+            await trio.testing.wait_all_tasks_blocked()
+            assert starter.starts == 1
+            while len(received) < len(big) + 6:
+                await trio.lowlevel.wait_readable(theirs)
+                received += read_available(theirs)
+            box.close()
+    finally:
+        await inner.aclose()
+        theirs.close()
+    assert bytes(received) == big + b"after\n"
+    assert starter.starts == 1
+
+
+async def test_attached_socket_starts_its_writer_to_end_the_output(
+    pair: tuple[StreamTransport, socket.socket],
+) -> None:
+    """`close` starts the writer of an attached outbox, which ends the output with EOF."""
+    inner, theirs = pair
+    box = Outbox(1000)
+    async with trio.open_nursery() as nursery:
+        starter = Starter(box, inner, nursery)
+        box.attach(inner, direct=True, start_writer=starter)
+        box.push(b"bye\n")
+        box.close()
+    assert starter.starts == 1
+    assert read_available(theirs) == b"bye\n"
+    assert theirs.recv(1) == b""
+
+
+async def test_abandoned_outbox_never_starts_its_writer(
+    pair: tuple[StreamTransport, socket.socket],
+) -> None:
+    """An outbox abandoned before it needed a writer (an idle client at shutdown) starts none."""
+    inner, _theirs = pair
+    box = Outbox(1000)
+    async with trio.open_nursery() as nursery:
+        starter = Starter(box, inner, nursery)
+        box.attach(inner, direct=True, start_writer=starter)
+        box.abandon()
+    assert starter.starts == 0
+
+
+async def test_attached_without_direct_writes_starts_the_writer_at_once() -> None:
+    """Without direct writes (a TLS or WebSocket transport, or the setting off) the writer
+    starts when the outbox is attached, and sends everything."""
+    transport = Recording()
+    box = Outbox(1000)
+    async with trio.open_nursery() as nursery:
+        starter = Starter(box, transport, nursery)
+        box.push(b"early\n")
+        box.attach(transport, direct=True, start_writer=starter)
+        assert starter.starts == 1
+        await trio.testing.wait_all_tasks_blocked()
+        box.push(b"late\n")
+        await trio.testing.wait_all_tasks_blocked()
+        box.close()
+    assert transport.sent == [[b"early\n"], [b"late\n"]]
+    assert transport.eof

@@ -1,8 +1,10 @@
 """One client, whatever door it came through: requests in, replies and broadcasts out.
 
-A `Connection` serves one `Transport` with two tasks: the reader (`_read`), a short loop that
-feeds received bytes to the I/O-free `RequestReader` and carries out each request it gives,
-and the writer (`Outbox.run_writer`), which sends what the room core queued for this client.
+A `Connection` serves one `Transport` with a task of its own, the reader (`_read`): a short
+loop that feeds received bytes to the I/O-free `RequestReader` and carries out each request
+it gives. What the room core queues for the client goes out through its `Outbox`: written
+directly by the flusher on a plain socket, otherwise (and for a client slow to read) by a
+writer task (`Outbox.run_writer`) started beside the reader when first needed.
 Everything it does to rooms goes through the broker; everything it sends goes through its
 outbox, so replies and broadcasts reach the client in one order.
 """
@@ -78,6 +80,12 @@ class Service(Protocol):
 
     def may_stop(self, ip: str) -> bool: ...
 
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        """Where connections start their writer tasks, beside themselves; None: each
+        connection runs its writer in a nursery of its own."""
+        ...
+
 
 class Connection:
     """One client: a reader that dispatches requests and a writer that sends replies."""
@@ -116,6 +124,7 @@ class Connection:
         self.ending: Ending | None = None
         self._cancel_scope = trio.CancelScope()
         self._read_scope = trio.CancelScope()  # given a deadline when closing begins
+        self._write_scope = trio.CancelScope()  # the writer's, which may outlive `run`
         self._write_done = trio.Event()
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._unknown_lines = 0
@@ -129,30 +138,52 @@ class Connection:
         log.info("%s connected", self.peer)
         try:
             with self._cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write)
-                    with self._read_scope:
-                        self.ending = await self._read()
-                    self._close_gracefully()
-                    # Let the writer flush what is queued, within the same grace deadline.
-                    with trio.CancelScope(deadline=self._read_scope.deadline):
-                        await self._write_done.wait()
-                    nursery.cancel_scope.cancel()
+                # The writer runs beside this task rather than under it: at shutdown every
+                # task is unwound, and a nursery per connection would double that work.
+                nursery = self.server.nursery
+                if nursery is None:
+                    async with trio.open_nursery() as own:
+                        await self._serve(own)
+                else:
+                    await self._serve(nursery)
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             self.ending = "broken"
         except* Exception:
             self.ending = "error"
             log.exception("%s: unexpected error; closing this connection", self.peer)
         finally:
-            self.outbox.abandon()
+            self._write_scope.cancel()
+            self.outbox.abandon()  # before the transport closes (the outbox's rule 2)
             self._leave_all()
             self.broker.release(self.session)
             if self.outbox.overflowed:
                 self.ending = "too slow"
-            log.info("%s disconnected (%s)", self.peer, self.ending or "shutdown")
-            # Last, after the writer has returned (the outbox's rule 2). Inside a cancelled
-            # scope (shutdown) this raises Cancelled once closed.
+            if self.ending is None:  # shutdown: the server logs one line for all
+                log.debug("%s disconnected (shutdown)", self.peer)
+            else:
+                log.info("%s disconnected (%s)", self.peer, self.ending)
+            # The outbox calls back into this connection: without this cycle a connection is
+            # freed as soon as it ends (at shutdown, thousands would wait for the collector).
+            self.outbox.on_overflow = None
+            # Inside a cancelled scope (shutdown) this raises Cancelled once closed.
             await self.transport.aclose()
+
+    async def _serve(self, nursery: trio.Nursery) -> None:
+        def start_writer() -> None:
+            try:
+                nursery.start_soon(self._write)
+            except RuntimeError:  # the server has finished: so has this connection
+                self._cancel_scope.cancel()
+
+        self.outbox.attach(
+            self.transport, direct=self.config.direct_writes, start_writer=start_writer
+        )
+        with self._read_scope:
+            self.ending = await self._read()
+        self._close_gracefully()
+        # Let the writer flush what is queued, within the same grace deadline.
+        with trio.CancelScope(deadline=self._read_scope.deadline):
+            await self._write_done.wait()
 
     async def _read(self) -> Ending:
         """Read and dispatch requests until the client ends, disconnects or oversteps a limit.
@@ -208,9 +239,14 @@ class Connection:
 
     async def _write(self) -> None:
         try:
-            await self.outbox.run_writer(self.transport, direct=self.config.direct_writes)
+            with self._write_scope:
+                await self.outbox.run_writer(self.transport, direct=self.config.direct_writes)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The client is gone; the reader learns it from the cancellation.
+            self._cancel_scope.cancel()
+        except Exception:  # a bug: this connection's alone, even outside its own task
+            log.exception("%s: unexpected error while sending; closing this connection", self.peer)
+            self.ending = "error"
             self._cancel_scope.cancel()
         finally:
             self._write_done.set()

@@ -22,9 +22,11 @@ enforced in this module:
    is not sending (`_writing`), and whatever a write leaves unsent goes back to the head of
    the pending list for the writer, which waits for the socket to become writable. The
    flusher then leaves that outbox alone until the writer has caught up.
-2. The descriptor is used only while `run_writer` runs, and `run_writer` forgets it before
-   it returns; the connection closes its transport only after its writer has returned. So a
-   descriptor number the kernel has reused for another socket is never written to.
+2. The descriptor is used only while `run_writer` runs; `run_writer` forgets it before it
+   returns, `abandon` forgets it at once, and a connection abandons its outbox before it
+   closes its transport. So a descriptor number the kernel has reused for another socket is
+   never written to. (A writer still sending when the transport closes gets an error from
+   its send, nothing worse.)
 3. Once a send was interrupted part-way (`_torn`), nothing more is written by anyone.
 4. The flusher is a system task: it never raises. A write that fails leaves the error to the
    writer's own send; anything unexpected abandons that one outbox and is logged.
@@ -110,6 +112,7 @@ class Outbox:
         "_flusher",
         "_pending",
         "_size",
+        "_start_writer",
         "_torn",
         "_waiter",
         "_writing",
@@ -133,6 +136,8 @@ class Outbox:
         self._closed = False
         self._end_with_eof = False
         self._waiter: trio.lowlevel.Task | None = None  # the writer, while it waits for work
+        # Starts the writer task the first time it is needed, when writes are direct.
+        self._start_writer: Callable[[], None] | None = None
         # Direct writes (see the module docstring): the socket's descriptor while the writer
         # runs, this run's flusher, whether this outbox is on its dirty list, whether the
         # writer is in the middle of a send, and whether a send was cut off part-way.
@@ -183,6 +188,7 @@ class Outbox:
 
     def abandon(self) -> None:
         """Accept nothing more and drop what is queued; the writer returns."""
+        self._start_writer = None  # a writer that has not started need not start now
         self._closed = True
         self._end_with_eof = False
         self._fd = None
@@ -210,6 +216,9 @@ class Outbox:
         if waiter is not None:
             self._waiter = None
             trio.lowlevel.reschedule(waiter)
+        elif (start := self._start_writer) is not None:
+            self._start_writer = None
+            start()
 
     async def _wait(self) -> None:
         self._waiter = trio.lowlevel.current_task()
@@ -247,20 +256,42 @@ class Outbox:
             pending.append(chunk[sent:])
             self._wake()
 
+    def attach(
+        self, transport: Transport, *, direct: bool, start_writer: Callable[[], None]
+    ) -> None:
+        """Send to `transport` from now on, its writer task started by `start_writer`.
+
+        With `direct` and a transport that offers a descriptor, the flusher writes and the
+        writer is started only if it is ever needed: for what a write leaves unsent, or to
+        end the output after `close` (an idle connection then costs no task). Otherwise the
+        writer starts at once.
+        """
+        fd = transport.fileno() if direct else None
+        if fd is None or self._closed:
+            start_writer()
+            return
+        self._fd = fd
+        self._flusher = _flusher()
+        self._start_writer = start_writer
+        if self._pending:
+            self._mark_dirty()
+
     async def run_writer(self, transport: Transport, *, direct: bool = True) -> None:
         """Send everything pushed, as it comes; after `close`, flush and end the output.
 
-        The only task that sends on `transport`; with `direct` and a transport that offers a
-        descriptor, the flusher writes for it while it is idle (see the module docstring).
-        It returns once the outbox is closed and empty (after `send_eof` if it was closed,
-        not abandoned) and lets the transport's errors out.
+        The only task that sends on `transport` (the flusher writes for it while it is idle,
+        see the module docstring); `direct` is for a writer that was not `attach`-ed. It
+        returns once the outbox is closed and empty (after `send_eof` if it was closed, not
+        abandoned) and lets the transport's errors out.
         """
-        fd = transport.fileno() if direct else None
-        if fd is not None and not self._closed:
-            self._fd = fd
-            self._flusher = _flusher()
-            if self._pending:
-                self._mark_dirty()
+        if self._fd is None and self._flusher is None:
+            fd = transport.fileno() if direct else None
+            if fd is not None and not self._closed:
+                self._fd = fd
+                self._flusher = _flusher()
+                if self._pending:
+                    self._mark_dirty()
+        self._start_writer = None
         try:
             while True:
                 batch = self._pending

@@ -79,6 +79,8 @@ class ChatServer:
     """Addresses refused since their last connection ended: logged once per episode."""
     _retired_bytes: int = attrs.field(default=0, init=False)
     """Bytes sent to connections that have ended (live ones are read from their outbox)."""
+    nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    """The root nursery while `serve_listeners` runs: connections and their writers."""
 
     def __attrs_post_init__(self) -> None:
         self.broker.on_kill = functools.partial(self.shutdown, everywhere=False)
@@ -105,7 +107,7 @@ class ChatServer:
         """
         if self.shutdown_scope.cancel_called:
             return
-        log.info("shutting down: %s", reason)
+        log.info("shutting down: %s; closing %d connections", reason, len(self.connections))
         if everywhere:
             self.broker.kill_service(reason)
         # What is queued now gets one last write; what the teardown itself would queue
@@ -329,23 +331,27 @@ class ChatServer:
             ("web", web_listeners, door.serve_socket),
         ]
         with self.shutdown_scope:
-            async with trio.open_nursery() as nursery:
-                for name, bound, serve in doors:
-                    for listener in bound:
-                        self.ports.setdefault(name, listener.socket.getsockname()[1])
-                        nursery.start_soon(self._accept_loop, listener, slots, nursery, serve)
-                if metrics_listener is not None:
-                    self.ports["metrics"] = metrics_listener.socket.getsockname()[1]
-                    nursery.start_soon(
-                        functools.partial(
-                            serve_metrics,
-                            self,
-                            metrics_listener,
-                            request_timeout=config.metrics_request_timeout,
-                            max_clients=config.metrics_max_clients,
+            try:
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    for name, bound, serve in doors:
+                        for listener in bound:
+                            self.ports.setdefault(name, listener.socket.getsockname()[1])
+                            nursery.start_soon(self._accept_loop, listener, slots, nursery, serve)
+                    if metrics_listener is not None:
+                        self.ports["metrics"] = metrics_listener.socket.getsockname()[1]
+                        nursery.start_soon(
+                            functools.partial(
+                                serve_metrics,
+                                self,
+                                metrics_listener,
+                                request_timeout=config.metrics_request_timeout,
+                                max_clients=config.metrics_max_clients,
+                            )
                         )
-                    )
-                task_status.started(listeners)
+                    task_status.started(listeners)
+            finally:
+                self.nursery = None
 
     async def _accept_loop(
         self,

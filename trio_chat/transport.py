@@ -105,6 +105,11 @@ class StreamTransport:
     async def aclose(self) -> None:
         """Close at once."""
         self._fileno = None
+        if isinstance(self.stream, trio.SocketStream):
+            # A plain socket closes without waiting for anything (waiters are woken), and at
+            # shutdown thousands close together: no cancel scope and no checkpoint each.
+            self.stream.socket.close()
+            return
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await trio.aclose_forcefully(self.stream)
 
