@@ -145,7 +145,7 @@ async def expect_refused(port: int, host: str = "127.0.0.1") -> None:
     raise AssertionError(f"{host}:{port} accepted a connection")
 
 
-# -- the wire text of requests and replies (PROTOCOL.md sections 1 and 2), written out here
+# -- the wire text of requests and replies (docs/protocol.md sections 1 and 2), written out here
 # rather than taken from trio_chat.protocol so that tests check the bytes independently.
 
 

@@ -98,7 +98,7 @@ class Faults:
 
 MAX_LINE = 64 * 1024
 MAX_QUEUED = 1024 * 1024  # bytes queued for a client before it is cut off
-DRAIN = 2.0  # seconds a closing connection drains input (PROTOCOL.md: "a short grace")
+DRAIN = 2.0  # seconds a closing connection drains input (docs/protocol.md: "a short grace")
 
 
 class MiniConnection:

@@ -355,7 +355,7 @@ async def test_churning_crowd_loses_nothing_for_a_fixed_group_and_leaks_nothing(
 
 CHATTERS = 500
 ROOM_SIZE = 50
-# PROTOCOL.md: the service exits "promptly (well under a second with no backlog)"; the issue
+# docs/protocol.md: the service exits "promptly (well under a second with no backlog)"; the issue
 # asks for within a second while 500 clients chat.
 SHUTDOWN_LIMIT = 1.0
 

@@ -58,7 +58,7 @@ def test_encoded_requests_parse_back_to_themselves(request: Request) -> None:
 
 
 def test_chat_encoding_is_the_protocol_text() -> None:
-    """A CHAT is the four lines of PROTOCOL.md, its message ended by a blank line."""
+    """A CHAT is the four lines of docs/protocol.md, its message ended by a blank line."""
     assert encode_request(Chat(3, 7, "ann", "hi\nthere")) == (
         b"CHAT: 3\nJOIN_ID: 7\nCLIENT_NAME: ann\nMESSAGE: hi\nthere\n\n"
     )

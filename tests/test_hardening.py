@@ -1,4 +1,4 @@
-"""Limits that keep the server up whatever one client does (PROTOCOL.md section 6).
+"""Limits that keep the server up whatever one client does (docs/protocol.md section 6).
 
 Slow consumers, oversize input, the connection limit and the rooms-per-connection limit, each
 over in-memory streams first and then over real sockets on 127.0.0.1. The figures are the
@@ -28,7 +28,7 @@ from trio_chat.connection import Connection
 from trio_chat.rooms import Outcome, Registry, Session
 from trio_chat.server import ChatServer
 
-# -- the wire, as PROTOCOL.md section 2 writes it ---------------------------------------------
+# -- the wire, as docs/protocol.md section 2 writes it ---------------------------------------------
 
 
 def join(room: str, name: str) -> str:
@@ -599,7 +599,7 @@ def test_every_limit_and_timeout_is_a_serve_option() -> None:
 
 
 def test_defaults_are_those_of_protocol_section_6() -> None:
-    """The defaults are PROTOCOL.md's: 64 KiB messages on lines that leave room for the
+    """The defaults are docs/protocol.md's: 64 KiB messages on lines that leave room for the
     ``MESSAGE: `` before them, 1 MiB queue, 10,000 connections, 1,000 rooms each."""
     config = Config()
     assert (config.max_message, config.max_outbound) == (64 * KIB, MIB)

@@ -1,4 +1,4 @@
-"""The whole server over in-memory streams: one test per rule of PROTOCOL.md.
+"""The whole server over in-memory streams: one test per rule of docs/protocol.md.
 
 No sockets and no real time: each client is a `trio.testing.memory_stream_pair`, steps are
 ordered by HELO round trips (`Client.barrier`) or `wait_all_tasks_blocked`, and timeouts run

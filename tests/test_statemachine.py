@@ -2,7 +2,7 @@
 
 Several in-memory clients send random JOIN, CHAT, LEAVE, DISCONNECT, HELO, garbage, oversize
 lines and abrupt closes, each request possibly split at random points and with LF or CRLF line
-ends. A plain-Python model of PROTOCOL.md says which bytes every client must receive; a
+ends. A plain-Python model of docs/protocol.md says which bytes every client must receive; a
 check compares each client's stream with the model byte for byte, so every member gets each
 broadcast exactly once and in the room's one order, and non-members get nothing. Any
 exception escaping a connection fails the run.
@@ -50,7 +50,7 @@ LINE_TEXT = st.text(
 )
 
 
-# -- the wire, as PROTOCOL.md section 2 writes it ---------------------------------------------
+# -- the wire, as docs/protocol.md section 2 writes it ---------------------------------------------
 
 
 def chat_broadcast(room_ref: int, name: str, message: str) -> bytes:
@@ -174,7 +174,7 @@ UNKNOWN = st.one_of(
 
 
 class ChatModel(RuleBasedStateMachine):
-    """Clients and rooms as PROTOCOL.md describes them, checked against the real server."""
+    """Clients and rooms as docs/protocol.md describes them, checked against the real server."""
 
     def __init__(self) -> None:
         super().__init__()

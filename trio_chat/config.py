@@ -39,7 +39,7 @@ def _origins(instance: object, attribute: object, value: tuple[str, ...]) -> Non
 
 @frozen(kw_only=True)
 class Config:
-    """The settings of one server process; every limit of PROTOCOL.md section 6 is here."""
+    """The settings of one server process; every limit of docs/protocol.md section 6 is here."""
 
     # -- where it listens and what it says about itself ------------------------------------
     host: str | None = None
@@ -132,7 +132,7 @@ class Config:
     largest CHAT request (a `max_message` text plus its short header lines) with room for
     requests pipelined beside it, whatever `max_message` is set to."""
 
-    # -- TLS (PROTOCOL.md section 7) -----------------------------------------------------------
+    # -- TLS (docs/protocol.md section 7) ----------------------------------------------------------
     tls_port: int | None = None
     """TCP port for the same protocol over TLS, beside `port` (same host, same rooms); None:
     no TLS. 0 picks a free one."""
@@ -146,7 +146,7 @@ class Config:
     nothing would otherwise hold a connection slot for ever; ten seconds is ample for a
     handshake across any network."""
 
-    # -- operator policies (PROTOCOL.md section 7) -------------------------------------------
+    # -- operator policies (docs/protocol.md section 7) -------------------------------------------
     kill_allow: AddressSet = EVERY_ADDRESS
     """Addresses from which KILL_SERVICE stops the service; from any other, it is ignored
     like an unknown line and logged. Every address by default: the lab's grader stops the

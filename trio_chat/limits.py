@@ -1,5 +1,5 @@
 """Operator policies about who may do what, and how much: address lists, per-address
-connection counts and request rates (PROTOCOL.md section 7).
+connection counts and request rates (docs/protocol.md section 7).
 
 Nothing here touches a socket. `AddressSet` answers whether an address is in a list of
 networks (``--kill-allow``, ``--limit-exempt``); `AddressCounter` counts open connections per
@@ -91,7 +91,7 @@ class AddressSet:
         return ",".join(str(network) for network in self.networks) or "none"
 
 
-# The defaults of the command line, as PROTOCOL.md section 7 and the options' help give them.
+# The defaults of the command line, as docs/protocol.md section 7 and the options' help give them.
 EVERY_ADDRESS = AddressSet.everything()
 LOCAL_ADDRESSES = AddressSet.parse("127.0.0.0/8,::1/128")
 

@@ -39,7 +39,7 @@ log = logging.getLogger("trio_chat")
 
 PREFIX = "trio_chat_"
 
-# Request types as counted, in the protocol's own words (PROTOCOL.md section 1); "unknown"
+# Request types as counted, in the protocol's own words (docs/protocol.md section 1); "unknown"
 # is a line that names no request, "malformed" a request the parser refused (error 1 or 4).
 REQUEST_TYPES = (
     "HELO",

@@ -3,7 +3,7 @@
 Nothing here performs I/O or knows about trio. `LineBuffer` frames bytes into lines under a
 length limit, `RequestParser` turns lines into request objects (or `ProtocolError`s carrying the
 protocol's error code), and the `encode_*` functions build the exact bytes of every reply and
-broadcast that PROTOCOL.md section 2 lists.
+broadcast that docs/protocol.md section 2 lists.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from attrs import field, frozen
 
 
 class ErrorCode(enum.IntEnum):
-    """The `ERROR_CODE` values of PROTOCOL.md section 5."""
+    """The `ERROR_CODE` values of docs/protocol.md section 5."""
 
     MALFORMED = 1
     NO_SUCH_ROOM = 2
@@ -118,7 +118,7 @@ class Leave:
     """``LEAVE_CHATROOM``: leaves the room with `room_ref`.
 
     `written` is the ROOM_REF and JOIN_ID as the request wrote them, which LEFT_CHATROOM
-    echoes (PROTOCOL.md section 5); requests compare equal whatever their spelling.
+    echoes (docs/protocol.md section 5); requests compare equal whatever their spelling.
     """
 
     room_ref: int
@@ -146,7 +146,7 @@ class Chat:
 
 @frozen
 class Unknown:
-    """A first line that names no request: ignored without a reply (PROTOCOL.md section 3)."""
+    """A first line that names no request: ignored without a reply (docs/protocol.md section 3)."""
 
     line: str
 
@@ -154,7 +154,7 @@ class Unknown:
 Request = Helo | KillService | Join | Leave | Disconnect | Chat
 Event = Request | Unknown | ProtocolError
 
-# Field keys after the first line, per request kind (PROTOCOL.md section 1).
+# Field keys after the first line, per request kind (docs/protocol.md section 1).
 _FIELDS: dict[str, frozenset[str]] = {
     "JOIN_CHATROOM": frozenset({"CLIENT_IP", "PORT", "CLIENT_NAME"}),
     "LEAVE_CHATROOM": frozenset({"JOIN_ID", "CLIENT_NAME"}),
@@ -175,7 +175,7 @@ _PLAIN_CHAT = re.compile(
 DEFAULT_MAX_NAME = 256
 
 # A ROOM_REF or JOIN_ID is an optional "-" and one or more decimal digits, of any length
-# (PROTOCOL.md section 5). Identifiers the service assigns are below 10**18, so a value of
+# (docs/protocol.md section 5). Identifiers the service assigns are below 10**18, so a value of
 # more significant digits names nothing, and is not converted (that would cost time in the
 # number of digits squared): it becomes NO_SUCH_ID, which names nothing either.
 _INTEGER = re.compile(r"-?[0-9]+")
@@ -184,7 +184,7 @@ NO_SUCH_ID = -1
 """What a ROOM_REF or JOIN_ID too large to be assigned is read as: it names no room."""
 
 # Bytes before a message's text on its first line: a one-line message of `max_message`
-# bytes needs a line limit this much larger (PROTOCOL.md section 6).
+# bytes needs a line limit this much larger (docs/protocol.md section 6).
 MESSAGE_PREFIX = len("MESSAGE: ")
 
 
@@ -552,7 +552,7 @@ def _build(kind: str, fields: dict[str, str], max_name: int) -> Event:
         return error
 
 
-# -- replies and broadcasts (PROTOCOL.md section 2) ------------------------------------------
+# -- replies and broadcasts (docs/protocol.md section 2) ------------------------------------------
 
 
 def encode_joined(room_name: str, server_ip: str, port: int, room_ref: int, join_id: int) -> bytes:

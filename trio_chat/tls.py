@@ -1,5 +1,5 @@
 """TLS for the chat protocol: the server's context from its certificate files, and the
-handshake that turns an accepted stream into an encrypted one (PROTOCOL.md section 7).
+handshake that turns an accepted stream into an encrypted one (docs/protocol.md section 7).
 
 The bytes inside TLS are the plain protocol's; nothing above the stream knows the difference.
 """

@@ -2,7 +2,7 @@
 
 It speaks to the server only over TCP and knows nothing of trio-chat's insides. The preamble
 (`preamble.py`) probes the basics once and records the server's deviations in a `Profile`;
-each case (`cases.py` lists them, by subject module) sends what PROTOCOL.md describes and
+each case (`cases.py` lists them, by subject module) sends what docs/protocol.md describes and
 compares what comes back (`wire.py`) with literal templates of the protocol's bytes
 (`templates.py`); `runner.py` runs them and `report.py` shows the root causes first, then
 each case. docs/checking.md explains its use.

@@ -45,7 +45,7 @@ class Context:
     async def connect(self, label: str, *, greeting: bool = True) -> Conn:
         """Open a new connection.
 
-        With `greeting`, anything the server sends on connecting (PROTOCOL.md says: nothing)
+        With `greeting`, anything the server sends on connecting (docs/protocol.md says: nothing)
         is read and dropped, so that only `connect_silence` (and the grader's sequence) fail
         a server that greets its clients.
         """

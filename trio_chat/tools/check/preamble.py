@@ -2,7 +2,7 @@
 
 It connects, sends a HELO, two HELOs in one segment, two JOINs, a CHAT and a LEAVE, reading
 each answer until a quiet period, and records in the `Profile` what this server does where it
-departs from PROTOCOL.md: whether it greets, the shape of its HELO reply, whether it reads
+departs from docs/protocol.md: whether it greets, the shape of its HELO reply, whether it reads
 pipelined requests, the order of JOINED and the announcement, the wording of announcements,
 how a CHAT ends. Cases use that knowledge to check their setup in the server's dialect and
 to attribute a failure of their subject to its root cause.

@@ -2,7 +2,7 @@
 
 The preamble (`preamble.py`) probes the basics once and records here each deviation it finds
 as a `Cause`. Cases then check their subject exactly, and the steps they only use for setup
-in the server's own dialect: `Profile.render` rewrites the bytes PROTOCOL.md prescribes into
+in the server's own dialect: `Profile.render` rewrites the bytes docs/protocol.md prescribes into
 the bytes this server was seen to send (another announcement wording, a CHAT ended by one
 newline), so a server with one such habit fails the cases about it and no others.
 """
@@ -18,7 +18,7 @@ from trio_chat.tools.check import templates
 
 @frozen
 class Cause:
-    """A root cause: one way the server departs from PROTOCOL.md, found once."""
+    """A root cause: one way the server departs from docs/protocol.md, found once."""
 
     key: str
     text: str

@@ -38,7 +38,7 @@ class CaseResult:
 
 @frozen
 class RootCause:
-    """One distinct reason the server departs from PROTOCOL.md, with the cases it touched."""
+    """One distinct reason the server departs from docs/protocol.md, with the cases it touched."""
 
     key: str
     text: str

@@ -20,7 +20,7 @@ class Settings:
     reply_timeout: float = 5.0
     """How long to wait for bytes that should arrive (a reply, a broadcast, a close)."""
     optional_wait: float = 0.5
-    """How long to wait for the rest of what PROTOCOL.md describes once a tolerated shorter
+    """How long to wait for the rest of what docs/protocol.md describes once a tolerated shorter
     variant has arrived (a LEAVE reply without the leaver's own announcement, in cases not
     about leaving): long enough for a broadcast to cross the nodes of a cluster."""
     quiet_period: float = 0.25
@@ -39,14 +39,14 @@ class Settings:
     """The most the `error_5` case may take: it joins `room_limit` + 1 rooms."""
     kill_timeout: float = 2.0
     """How soon after KILL_SERVICE every connection must be closed and the port refuse new
-    ones (PROTOCOL.md: "promptly, well under a second with no backlog")."""
+    ones (docs/protocol.md: "promptly, well under a second with no backlog")."""
 
     # -- pacing --------------------------------------------------------------------------------
     byte_pause: float = 0.001
     """Pause between the bytes of a request sent one byte at a time, so each byte leaves in a
     TCP segment of its own rather than being coalesced with the next."""
 
-    # -- the server's limits (PROTOCOL.md section 6) ------------------------------------------
+    # -- the server's limits (docs/protocol.md section 6) ------------------------------------------
     max_line: int = 64 * KIB
     """The server's longest request line and CHAT message; `error_4` sends 6 KiB more."""
     room_limit: int = 1000
@@ -71,7 +71,7 @@ class Settings:
     # -- what the server says about itself -----------------------------------------------------
     advertise_ip: str | None = None
     """The IP the server is configured to report in HELO and JOINED; None: the address the
-    checker connected to, as PROTOCOL.md says by default."""
+    checker connected to, as docs/protocol.md says by default."""
     advertise_port: int | None = None
     """The port the server reports, when it differs from the one the checker connects to
     (behind a port mapping or a proxy); None: the port connected to."""

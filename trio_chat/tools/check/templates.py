@@ -1,4 +1,4 @@
-"""The bytes PROTOCOL.md section 2 prescribes, written out here as literal templates.
+"""The bytes docs/protocol.md section 2 prescribes, written out here as literal templates.
 
 The checker never builds what it expects with the server's own encoders: an encoding mistake
 there would then pass on both sides. Each template below is copied from the protocol
@@ -7,7 +7,7 @@ document; the requests are those of section 1.
 
 from __future__ import annotations
 
-# -- replies and broadcasts (PROTOCOL.md section 2) -----------------------------------------
+# -- replies and broadcasts (docs/protocol.md section 2) -----------------------------------------
 
 JOINED = (
     "JOINED_CHATROOM: {room_name}\nSERVER_IP: {ip}\nPORT: {port}\nROOM_REF: {room_ref}\n"
@@ -21,7 +21,7 @@ HELO = "HELO {text}\nIP:{ip}\nPort:{port}\nStudentID:{student_id}\n"
 JOINED_MESSAGE = "{client_name} has joined this chatroom."
 LEFT_MESSAGE = "{client_name} has left this chatroom."
 
-# -- requests (PROTOCOL.md section 1) --------------------------------------------------------
+# -- requests (docs/protocol.md section 1) --------------------------------------------------------
 
 JOIN_REQUEST = "JOIN_CHATROOM: {room_name}\nCLIENT_IP: 0\nPORT: 0\nCLIENT_NAME: {client_name}\n"
 LEAVE_REQUEST = "LEAVE_CHATROOM: {room_ref}\nJOIN_ID: {join_id}\nCLIENT_NAME: {client_name}\n"

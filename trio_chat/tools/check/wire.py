@@ -37,7 +37,7 @@ Shown = bytes | bytearray | str
 
 
 class CaseFailed(Exception):
-    """A step of a case did not go as PROTOCOL.md says."""
+    """A step of a case did not go as docs/protocol.md says."""
 
     def __init__(
         self,
@@ -269,7 +269,7 @@ class Conn:
     ) -> None:
         """Assert what arrives next is one of `alternatives` and nothing more.
 
-        The first alternative is what PROTOCOL.md describes; others are tolerated variants.
+        The first alternative is what docs/protocol.md describes; others are tolerated variants.
         With `dialect`, each is accepted as this server writes it too (`Profile.render`: its
         announcement wording, how it ends a CHAT), for the steps whose subject that is not.
         `tolerate` lists known deviations accepted here, each with its cause; `blame` lists
@@ -303,7 +303,7 @@ class Conn:
     def _allowed(
         used: frozenset[str], dialect: bool, tolerate: Sequence[tuple[bytes, str]]
     ) -> bool:
-        """Whether a form that departs from PROTOCOL.md by `used` is accepted."""
+        """Whether a form that departs from docs/protocol.md by `used` is accepted."""
         tolerated = {key for _, key in tolerate}
         return all(key in tolerated or (dialect and key in DIALECT) for key in used)
 
