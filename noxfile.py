@@ -96,6 +96,13 @@ def shutdownbench(session: nox.Session) -> None:
 
 
 @nox.session
+def webbench(session: nox.Session) -> None:
+    """Fan out to WebSocket members; the server's CPU per delivery (``-- --members N``)."""
+    session.install("-e", ".")
+    session.run("python", "scripts/webbench.py", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Start a server on a free port and run the fan-out scenarios at it (``-- big --json``)."""
     session.install("-e", ".")
