@@ -408,6 +408,7 @@ class RequestReader:
         "_closing",
         "_data",
         "_events",
+        "_fast",
         "_lines_per_turn",
         "_max_line",
         "_max_message",
@@ -436,6 +437,9 @@ class RequestReader:
         self._turn = 0  # lines handled since the caller last received or took its turn
         self._events: list[Event] = []  # events a line completed beyond the first, in order
         self._closing = False
+        # Whether the next request may be a plain CHAT taken whole: not closing, and no
+        # request or line part-way through.
+        self._fast = True
 
     @property
     def closing(self) -> bool:
@@ -456,6 +460,15 @@ class RequestReader:
         """
         if self._events:
             return self._events.pop(0)
+        if self._fast and self._turn < self._lines_per_turn:  # the commonest case, first
+            found = self._parser.plain_chat(self._data, self._start, self._max_line)
+            if found is not None:
+                self._start = found[1]
+                self._turn += 4
+                return found[0]
+        return self._next_line_by_line()
+
+    def _next_line_by_line(self) -> Event | Signal:
         data = self._data
         start = self._start
         end = len(data)
@@ -464,7 +477,7 @@ class RequestReader:
                 self._turn = 0
                 return TURN_OVER
             parser = self._parser
-            if not self._closing and not len(self._buffer):
+            if self._fast:
                 found = parser.plain_chat(data, start, self._max_line)
                 if found is not None:
                     chat, self._start = found
@@ -502,6 +515,8 @@ class RequestReader:
                 if not self._closing:
                     self._closing = True
                     return error
+            finally:
+                self._fast = not self._closing and self._parser.idle and not len(self._buffer)
         self._data = b""
         self._start = 0
         return NEED_DATA
