@@ -129,14 +129,20 @@ ZOO = {
         frozenset({"grader", "broadcasts"}),
         paced=frozenset({"broadcasts"}),
     ),
+    # With kill: a working KILL_SERVICE passes whatever the announcements say.
     "wording: no final period": Specimen(
-        Faults(wording="no period"), "wording", frozenset({"grader", "broadcasts"})
+        Faults(wording="no period"),
+        "wording",
+        frozenset({"grader", "broadcasts"}),
+        heavy=("kill",),
     ),
+    # With error_5: its 1001 JOINED replies and announcements are all counted.
     "CHAT ended by one newline": Specimen(
         Faults(single_newline_chat=True),
         "chat-end",
         frozenset({"grader", "broadcasts"}),
         paced=frozenset({"broadcasts"}),
+        heavy=("error_5",),
     ),
     "HELO without its final newline": Specimen(
         Faults(helo_no_newline=True),
@@ -189,7 +195,8 @@ async def test_zoo_strict(nursery: trio.Nursery, specimen: Specimen) -> None:
     at least 80% of the cases unrelated to it pass (here: all of them)."""
     port = await start_mini(nursery, specimen.faults)
     only = [*LIGHT, *specimen.heavy]
-    report = await run_checks("127.0.0.1", port, FAST, only=only)
+    kill = "kill" in specimen.heavy
+    report = await run_checks("127.0.0.1", port, FAST, only=only, kill=kill)
     named_once(report, specimen.cause, specimen.strict)
     others = unrelated(report, specimen.strict)
     passed = [name for name in others if report.status(name) == "pass"]
