@@ -104,7 +104,7 @@ async def _pipelining(ctx: Context, a: Conn, profile: Profile) -> None:
                 "pipelining",
                 "reads one request per recv: of two HELOs sent in one segment, "
                 f"{arrived.count(b'HELO pipelined-')} got a reply",
-                subject=("pipelining",),
+                subject=("pipelining", "byte_by_byte"),
             )
         )
 
