@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,9 @@ from tests.chatclient import (
     joined_reply,
 )
 from tests.conftest import connect_from, open_memory_connection, running_server
+from tests.redisserver import RedisProcess
 from tests.test_cli import assert_usage_error, trio_chat_command
+from tests.test_redis import settings as redis_settings
 from trio_chat.cli import build_parser, config_from_args
 from trio_chat.config import Config
 from trio_chat.limits import (
@@ -31,6 +34,7 @@ from trio_chat.limits import (
     TokenBucket,
     address_key,
 )
+from trio_chat.redis import RedisBroker
 from trio_chat.server import ChatServer
 
 # -- AddressSet ---------------------------------------------------------------------------
@@ -412,3 +416,37 @@ def test_options_reach_the_settings() -> None:
     assert defaults.limit_exempt == LOCAL_ADDRESSES
     assert defaults.max_connections_per_ip == 256
     assert defaults.request_rate is None
+
+
+async def test_only_a_kill_its_node_accepted_reaches_the_other_nodes(tmp_path: Path) -> None:
+    """Two nodes through Redis: KILL_SERVICE from outside the first node's --kill-allow stops
+    neither node; one it accepts stops both."""
+    redis = RedisProcess(tmp_path)
+    redis.start()
+    try:
+        async with (
+            RedisBroker.connect(redis_settings(redis)) as broker_a,
+            RedisBroker.connect(redis_settings(redis)) as broker_b,
+            trio.open_nursery() as nursery,
+        ):
+            strict = local_config(kill_allow=AddressSet.parse("127.0.0.1/32"))
+            node_a, node_b = ChatServer(strict, broker_a), ChatServer(local_config(), broker_b)
+            for node in (node_a, node_b):
+                await nursery.start(node.serve)
+            async with (
+                await connect_from(node_a.ports["plain"], "127.0.0.2") as outsider,
+                await Client.connect(node_b.ports["plain"]) as elsewhere,
+            ):
+                await outsider.send("KILL_SERVICE\n")
+                await outsider.barrier()
+                await elsewhere.barrier()
+                assert not node_b.shutdown_scope.cancel_called
+                async with await Client.connect(node_a.ports["plain"]) as admin:
+                    await admin.send("KILL_SERVICE\n")
+                    await admin.expect_eof()
+                await elsewhere.expect_eof()  # the other node stopped too
+                await outsider.expect_eof()
+        assert node_a.shutdown_scope.cancel_called
+        assert node_b.shutdown_scope.cancel_called
+    finally:
+        redis.stop()

@@ -6,15 +6,25 @@ from __future__ import annotations
 import functools
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 
 import attrs
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.chatclient import Client, chat_broadcast, chat_request, helo_reply, join_request
+from tests.chatclient import (
+    RECEIVE_TIMEOUT,
+    Client,
+    chat_broadcast,
+    chat_request,
+    helo_reply,
+    join_request,
+)
 from tests.conftest import TLSFiles, connect_from, connect_tls, running_server
+from tests.redisserver import RedisProcess
 from tests.test_cli import assert_runtime_error, assert_usage_error, trio_chat_command
+from tests.test_redis import settings as redis_settings
 from trio_chat.config import KIB, Config
 from trio_chat.limits import AddressSet
 from trio_chat.metrics import (
@@ -24,6 +34,8 @@ from trio_chat.metrics import (
     registry_for,
     serve_metrics,
 )
+from trio_chat.redis import RedisBroker
+from trio_chat.server import ChatServer
 
 
 @attrs.define
@@ -390,3 +402,49 @@ def test_metrics_with_workers_is_a_usage_error() -> None:
         "serve", "--port", "7999", "--workers", "2", "--redis", "redis://x", "--metrics-port", "0"
     )
     assert_usage_error(result, "--metrics-port", "--workers")
+
+
+# -- with Redis ------------------------------------------------------------------------------
+
+
+async def test_redis_metrics_and_health(tmp_path: Path) -> None:
+    """With --redis, /metrics shows Redis as available and the bus round trip of the events
+    this node published; while Redis is away, the gauge is 0 and /healthz says 503."""
+    redis = RedisProcess(tmp_path)
+    redis.start()
+    try:
+        async with RedisBroker.connect(redis_settings(redis)) as broker:
+            server = ChatServer(
+                Config(host="127.0.0.1", port=0, metrics_port=0, student_id="r"), broker
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve)
+                metrics = server.ports["metrics"]
+                async with await Client.connect(server.ports["plain"]) as alice:
+                    await alice.send(join_request("lobby", "alice"))
+                    await alice.receive_until(b"alice has joined this chatroom.\n\n")
+                    for i in range(3):
+                        await alice.send(chat_request(0, 0, "alice", f"m{i}"))
+                        await alice.receive_until(f"MESSAGE: m{i}\n\n".encode())
+                    got = await scrape_http(metrics)
+                    assert value(got, "trio_chat_redis_available") == 1
+                    count = value(got, "trio_chat_bus_round_trip_seconds_count")
+                    assert count == 4  # the JOIN and three CHATs came back through Redis
+                    assert value(got, "trio_chat_bus_round_trip_seconds_sum") > 0
+                    assert value(got, "trio_chat_bus_round_trip_seconds_bucket", le="+Inf") == 4
+                    redis.stop()
+                    with trio.fail_after(RECEIVE_TIMEOUT):
+                        await broker.wait_available(False)
+                    got = await scrape_http(metrics)
+                    assert value(got, "trio_chat_redis_available") == 0
+                    status, _, body = await http(metrics, b"GET /healthz HTTP/1.1\r\n\r\n")
+                    assert status == "HTTP/1.1 503 Service Unavailable"
+                    assert b"Redis" in body
+                    redis.start()  # and back: leaving a node with Redis down is another test
+                    with trio.fail_after(RECEIVE_TIMEOUT):
+                        await broker.wait_available(True)
+                    got = await scrape_http(metrics)
+                    assert value(got, "trio_chat_redis_available") == 1
+                server.shutdown("test over")
+    finally:
+        redis.stop()

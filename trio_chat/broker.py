@@ -36,6 +36,9 @@ class Broker(Protocol):
     registry: Registry
     on_kill: Callable[[str], None]
     """Called when KILL_SERVICE reaches this process from elsewhere in the service."""
+    on_round_trip: Callable[[float], None]
+    """Called with the seconds one of this process's events took from being published on a
+    shared bus to coming back (for metrics); never, without a bus."""
 
     async def join(
         self, session: Session, request: Join, *, server_ip: str, server_port: int
@@ -78,6 +81,7 @@ class LocalBroker:
 
     registry: Registry = field(factory=Registry)
     on_kill: Callable[[str], None] = lambda reason: None
+    on_round_trip: Callable[[float], None] = lambda seconds: None
 
     async def join(
         self, session: Session, request: Join, *, server_ip: str, server_port: int

@@ -84,6 +84,7 @@ class ChatServer:
 
     def __attrs_post_init__(self) -> None:
         self.broker.on_kill = functools.partial(self.shutdown, everywhere=False)
+        self.broker.on_round_trip = self.counters.bus_round_trip.observe
         self._per_address = AddressCounter(self.config.max_connections_per_ip)
         if self.config.tls_cert is not None:
             self.tls_context = tls.server_context(self.config.tls_cert, self.config.tls_key)

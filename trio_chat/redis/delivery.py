@@ -66,6 +66,7 @@ class OwnEvent:
     record: tuple[str, bytes] | None = None  # membership record the event sets
     forget: str | None = None  # or deletes
     confirmed: tuple[bytes, int] | None = None  # (epoch, seq) once Redis took it
+    published: float = 0.0  # trio time when it was queued for Redis (for metrics)
 
 
 class Delivery:
@@ -78,6 +79,7 @@ class Delivery:
     keys: scripts.Keys
     subscriber: Subscriber
     on_kill: Callable[[str], None]
+    on_round_trip: Callable[[float], None]
     _feeds: dict[int, Feed]
     _by_channel: dict[str, Feed]
     _opening: dict[int, trio.Event]
@@ -263,6 +265,7 @@ class Delivery:
         else:
             event = RoomEvent(ref, frame.data, sender=session)
         self.registry.apply(event)
+        self.on_round_trip(trio.current_time() - own.published)
         self._settle(own)
 
     def _settle(self, own: OwnEvent) -> None:

@@ -59,6 +59,7 @@ class RedisBroker(Delivery):
     cluster: bool
     registry: Registry = attrs.field(factory=Registry)
     on_kill: Callable[[str], None] = attrs.field(default=lambda reason: None)
+    on_round_trip: Callable[[float], None] = attrs.field(default=lambda seconds: None)
     node_id: str = attrs.field(factory=lambda: secrets.token_hex(6))
     keys: scripts.Keys = attrs.field(init=False)
     subscriber: Subscriber = attrs.field(init=False)
@@ -389,6 +390,7 @@ class RedisBroker(Delivery):
 
     def _publish(self, events: tuple[RoomEvent, ...]) -> None:
         """Queue `events` for their rooms' channels; they are applied when they come back."""
+        now = trio.current_time()
         for event in events:
             session = event.joining or event.leaving or event.sender
             assert session is not None
@@ -418,6 +420,7 @@ class RedisBroker(Delivery):
                 own = OwnEvent(token, session, ref, frame, forget=field)
             else:
                 own = OwnEvent(token, session, ref, Frame(CHAT, session_id, token, "", event.data))
+            own.published = now
             self._own[token] = own
             self._pending.setdefault(session, collections.deque()).append(token)
             self._backlog.append(own)
