@@ -34,6 +34,7 @@ from trio_chat.metrics import (
     registry_for,
     serve_metrics,
 )
+from trio_chat.protocol import Chat
 from trio_chat.redis import RedisBroker
 from trio_chat.server import ChatServer
 
@@ -113,7 +114,7 @@ def test_counters_are_exposed_with_prometheus_names() -> None:
     """Every counter ends in _total and carries its label; base units (bytes, seconds)."""
     server = FakeServer()
     counts = server.counters
-    counts.requests["CHAT"] += 5
+    counts.requests[Chat] += 5
     server.delivered = 50
     server.sent = 4000
     counts.error(5)

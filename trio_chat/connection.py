@@ -48,18 +48,6 @@ log = logging.getLogger("trio_chat")
 # garbage cannot flood the log.
 UNKNOWN_LINES_LOGGED = 10
 
-# Requests as metrics count them, by type.
-_REQUEST_TYPE: dict[type, str] = {
-    Helo: "HELO",
-    Join: "JOIN_CHATROOM",
-    Leave: "LEAVE_CHATROOM",
-    Chat: "CHAT",
-    Disconnect: "DISCONNECT",
-    KillService: "KILL_SERVICE",
-    Unknown: "unknown",
-    ProtocolError: "malformed",
-}
-
 # Why a connection ended.
 Ending = Literal["eof", "idle", "disconnect", "too_large", "broken", "too slow", "error"]
 
@@ -194,6 +182,7 @@ class Connection:
         reader = self.reader
         bucket = self.bucket
         requests = self.counters.requests
+        arrived: float | None = None  # when the bytes being read arrived, for flood control
         while True:
             event = reader.next_event()
             if event is NEED_DATA:
@@ -201,20 +190,28 @@ class Connection:
                 if not data:
                     return self.ending or ("eof" if data is not None else "idle")
                 reader.receive_data(data)
+                arrived = None
                 continue
             if event is TURN_OVER:
                 await trio.lowlevel.checkpoint()
+                arrived = None
                 continue
-            requests[_REQUEST_TYPE[type(event)]] += 1
+            requests[type(event)] += 1
             if bucket is not None:
                 # Over its rate, the client waits for its next request (fakelag): it is
                 # neither refused nor reordered, and input waits in the socket meanwhile.
-                delay = bucket.take(trio.current_time())
+                # Requests received together arrived together: one clock reading for them,
+                # read again after anything that may take time (a turn, a JOIN, a wait).
+                if arrived is None:
+                    arrived = trio.current_time()
+                delay = bucket.take(arrived)
                 if delay:
                     self.counters.throttled_seconds += delay
                     await trio.sleep(delay)
+                    arrived = None
             if type(event) is Join:
                 await self._join(event)
+                arrived = None
             else:
                 self._handle(event)
 

@@ -162,8 +162,10 @@ class TokenBucket:
     def take(self, now: float, count: int = 1) -> float:
         """Take `count` tokens at time `now`; return how long to wait before going on (0 if
         none). Tokens may go into debt, so requests taken in a row wait one after another."""
-        tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
-        self._updated = now
+        tokens = self._tokens
+        if now != self._updated:
+            tokens = min(self.burst, tokens + (now - self._updated) * self.rate)
+            self._updated = now
         tokens -= count
         self._tokens = tokens
         return 0.0 if tokens >= 0 else -tokens / self.rate

@@ -35,22 +35,34 @@ from prometheus_client.metrics_core import (
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from trio_chat.protocol import (
+    Chat,
+    Disconnect,
+    Helo,
+    Join,
+    KillService,
+    Leave,
+    ProtocolError,
+    Unknown,
+)
+
 log = logging.getLogger("trio_chat")
 
 PREFIX = "trio_chat_"
 
 # Request types as counted, in the protocol's own words (docs/protocol.md section 1); "unknown"
 # is a line that names no request, "malformed" a request the parser refused (error 1 or 4).
-REQUEST_TYPES = (
-    "HELO",
-    "JOIN_CHATROOM",
-    "LEAVE_CHATROOM",
-    "CHAT",
-    "DISCONNECT",
-    "KILL_SERVICE",
-    "unknown",
-    "malformed",
-)
+# The reader counts by class (one dict lookup per request); names are given at scrape time.
+REQUEST_NAMES: dict[type, str] = {
+    Helo: "HELO",
+    Join: "JOIN_CHATROOM",
+    Leave: "LEAVE_CHATROOM",
+    Chat: "CHAT",
+    Disconnect: "DISCONNECT",
+    KillService: "KILL_SERVICE",
+    Unknown: "unknown",
+    ProtocolError: "malformed",
+}
 
 # Bus round trips are milliseconds on one host and tens of them across a data centre.
 ROUND_TRIP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -86,7 +98,8 @@ class Histogram:
 class Counters:
     """Everything the server counts as it happens; read by `ServerCollector` at scrape time."""
 
-    requests: dict[str, int] = field(factory=lambda: dict.fromkeys(REQUEST_TYPES, 0))
+    requests: dict[type, int] = field(factory=lambda: dict.fromkeys(REQUEST_NAMES, 0))
+    """Requests read, by class (see `REQUEST_NAMES`)."""
     errors: dict[int, int] = field(factory=dict)
     """ERROR_CODE replies sent, by code."""
     slow_consumers: int = 0
@@ -214,7 +227,7 @@ class ServerCollector:
             "requests_total",
             "Requests handled, by type.",
             "type",
-            counts.requests,
+            {REQUEST_NAMES[kind]: count for kind, count in counts.requests.items()},
         )
         yield _counter(
             "deliveries_total",
