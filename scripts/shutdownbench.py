@@ -3,7 +3,8 @@
 Starts ``trio-chat serve`` on a free port of 127.0.0.1 with its default settings (log lines
 included, written to a file), opens N idle connections (each proves it is served with one
 HELO round trip), then stops the server with KILL_SERVICE sent on one of them, or with
-SIGTERM or SIGINT, and prints the time from that moment until the process has exited.
+SIGTERM or SIGINT, and prints the time from that moment until the process has exited, and
+the CPU time the server spent in it (on a busy machine the first grows, the second does not).
 
     python scripts/shutdownbench.py [--connections 10000] [--ways kill term int] [--rounds 1]
 
@@ -91,13 +92,29 @@ def open_idle_connections(port: int, count: int) -> list[socket.socket]:
     return clients
 
 
-def one_round(way: str, connections: int) -> tuple[float, int]:
-    """Seconds from the stop request to the server's exit, and the log lines written."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) process `pid` has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU time used by this process's children that have been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def one_round(way: str, connections: int) -> tuple[float, float, int]:
+    """Seconds from the stop request to the server's exit, the CPU seconds the server spent
+    in them (what a busy machine cannot inflate), and the log lines written."""
     port = free_port()
     with tempfile.TemporaryFile() as log:
         server = start_server(port, connections, log.fileno())
         clients = open_idle_connections(port, connections)
         try:
+            waited_cpu = children_cpu_seconds()
+            cpu_before = cpu_seconds(server.pid)
             start = time.monotonic()
             if way == "kill":
                 clients[0].sendall(b"KILL_SERVICE\n")
@@ -105,6 +122,7 @@ def one_round(way: str, connections: int) -> tuple[float, int]:
                 server.send_signal(signal.SIGTERM if way == "term" else signal.SIGINT)
             status = server.wait(timeout=120)
             elapsed = time.monotonic() - start
+            cpu = children_cpu_seconds() - waited_cpu - cpu_before
         finally:
             if server.poll() is None:
                 server.kill()
@@ -113,7 +131,7 @@ def one_round(way: str, connections: int) -> tuple[float, int]:
         if status != 0:
             sys.exit(f"shutdownbench: the server exited with status {status}")
         log.seek(0)
-        return elapsed, log.read().count(b"\n")
+        return elapsed, cpu, log.read().count(b"\n")
 
 
 def main() -> None:
@@ -127,12 +145,12 @@ def main() -> None:
     args = parser.parse_args()
     raise_descriptor_limit(args.connections + 100)
     os.environ["PYTHONUNBUFFERED"] = "1"
-    print(f"{'stopped by':12} {'connections':>11} {'shutdown s':>10} {'log lines':>9}")
+    print(f"{'stopped by':12} {'connections':>11} {'shutdown s':>10} {'cpu s':>6} {'log lines':>9}")
     for _ in range(args.rounds):
         for way in args.ways:
-            elapsed, lines = one_round(way, args.connections)
+            elapsed, cpu, lines = one_round(way, args.connections)
             name = {"kill": "KILL_SERVICE", "term": "SIGTERM", "int": "SIGINT"}[way]
-            print(f"{name:12} {args.connections:>11} {elapsed:>10.3f} {lines:>9}")
+            print(f"{name:12} {args.connections:>11} {elapsed:>10.3f} {cpu:>6.2f} {lines:>9}")
 
 
 if __name__ == "__main__":
