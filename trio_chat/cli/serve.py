@@ -1,28 +1,21 @@
-"""The ``trio-chat`` command: argument parsing, logging setup and start-up errors, nothing else.
-
-Every mistake on the command line, and every failure to start, ends in one or two lines on
-stderr that name the option concerned: exit status 2 for a usage error, 1 for a failure at
-run time. A traceback is printed only with ``--log-level DEBUG``.
-"""
+"""``trio-chat serve``: its options, the settings they make, and running the server until it
+stops, with every failure to start reported in one line that names the option concerned."""
 
 from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import logging
 import signal
 import socket
-import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from trio_chat import __version__, tls
+from trio_chat import tls
+from trio_chat.cli.options import networks, not_negative, port_number, positive
 from trio_chat.config import Config
-from trio_chat.limits import AddressSet
 from trio_chat.server import ChatServer, ListenError
 from trio_chat.web import WebListenError
 
@@ -36,23 +29,6 @@ log = logging.getLogger("trio_chat")
 
 E = TypeVar("E", bound=BaseException)
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-# The tools' commands: name, the module whose ``add_parser`` defines the command, and the
-# line ``trio-chat --help`` shows for it. A tool's module is imported only when its command
-# is the one being run (``serve`` imports none of them).
-TOOLS = {
-    "client": ("trio_chat.tools.terminal", "chat from the terminal"),
-    "check": (
-        "trio_chat.tools.check",
-        "check that a server (any implementation) follows the protocol",
-    ),
-    "bench": (
-        "trio_chat.tools.bench",
-        "measure fan-out against a running server, checking every delivery",
-    ),
-}
-
 EXTRA_HINT = "pip install 'trio-chat[redis]'"
 """How to install what ``--redis`` needs; named when it is missing."""
 
@@ -61,123 +37,8 @@ class StartupError(Exception):
     """The server could not start, for a reason the message names (exit status 1)."""
 
 
-# -- option types: each names the problem; argparse adds the option's name -----------------
-
-
-def port_number(text: str) -> int:
-    """A TCP port: an integer from 0 to 65535 (0: any free port)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0-65535, not {value}")
-    return value
-
-
-def positive(kind: type[int] | type[float]) -> Callable[[str], float]:
-    """An option type for a number of `kind` that must be greater than zero."""
-
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # what argparse calls the type in its own messages
-    return parse
-
-
-def not_negative(kind: type[int] | type[float]) -> Callable[[str], float]:
-    """An option type for a number of `kind` that may be zero (which turns a limit off)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def networks(text: str) -> AddressSet:
-    """A list of IP networks, ``CIDR[,CIDR...]``, or ``none``."""
-    try:
-        return AddressSet.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def log_level(text: str) -> str:
-    """A logging threshold, in either case."""
-    if text.upper() not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, not {text!r}")
-    return text.upper()
-
-
-# -- the parser -------------------------------------------------------------------------------
-
-
-def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The argument parser of the ``trio-chat`` command.
-
-    Given the command line `argv`, only the tool it runs is imported and given its full
-    parser; the other tools are listed by name. Without `argv`, every tool's parser is built.
-    """
-    parser = argparse.ArgumentParser(
-        prog="trio-chat",
-        description="A chat-room server on trio, speaking the JOIN_CHATROOM line protocol, "
-        "with a terminal client, a conformance checker and a fan-out benchmark.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    _add_log_level(parser, default="INFO")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # Each command adds its own parser and sets ``run``: a function of the parsed arguments
-    # that returns the exit status (and raises ValueError for a usage error).
-    _serve_parser(commands)
-    wanted = set(TOOLS) if argv is None else {_command_in(argv)}
-    for name, (module, help_text) in TOOLS.items():
-        if name in wanted:
-            importlib.import_module(module).add_parser(commands)
-        else:
-            commands.add_parser(name, help=help_text)
-    # The log level may also follow the command: ``trio-chat serve --log-level DEBUG``.
-    for command in commands.choices.values():
-        _add_log_level(command, default=argparse.SUPPRESS)
-    return parser
-
-
-def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument(
-        "--log-level",
-        type=log_level,
-        default=default,
-        metavar="LEVEL",
-        help="logging threshold, one of DEBUG, INFO, WARNING, ERROR: INFO logs connects, "
-        "joins, leaves and disconnects; DEBUG every request, and a traceback with every "
-        "start-up error (default: INFO)",
-    )
-
-
-def _command_in(argv: Sequence[str]) -> str | None:
-    """The command that `argv` runs: its first word that is not an option or option value."""
-    words = iter(argv)
-    for word in words:
-        if word == "--log-level":
-            next(words, None)
-        elif not word.startswith("-"):
-            return word
-    return None
-
-
-def _serve_parser(commands: Commands) -> None:
+def add_parser(commands: Commands) -> None:
+    """Add the ``serve`` command to the ``trio-chat`` command line."""
     parser = commands.add_parser(
         "serve",
         usage="%(prog)s --port PORT [options]",
@@ -185,7 +46,7 @@ def _serve_parser(commands: Commands) -> None:
         description="Run the chat server in the foreground until KILL_SERVICE, SIGINT or "
         "SIGTERM; logs go to stderr. The protocol is described in docs/protocol.md.",
     )
-    parser.set_defaults(run=_run_serve)
+    parser.set_defaults(run=run)
     _listen_options(parser.add_argument_group("where it listens"))
     _identity_options(parser.add_argument_group("what it says about itself"))
     _cluster_options(parser.add_argument_group("several processes as one service"))
@@ -371,51 +232,8 @@ def _limit_options(group: ArgumentGroup) -> None:
         )
 
 
-# -- running -----------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``trio-chat`` command; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args, unknown = parser.parse_known_args(argv)
-    command_parser = _subparser(parser, args.command)
-    if unknown:  # reported by the command's parser, with the command's usage
-        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.argv = argv
-    _setup_logging(args.log_level, getattr(args, "worker_index", None))
-    try:
-        status: int = args.run(args)
-    except ValueError as exc:  # settings that do not make sense, reported like bad options
-        command_parser.error(str(exc))
-    except StartupError as exc:
-        _fail(command_parser, str(exc))
-    return status
-
-
-def _setup_logging(level: str, worker: int | None) -> None:
-    who = "" if worker is None else f"worker {worker} "
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format=f"%(asctime)s {who}%(levelname)s %(message)s"
-    )
-    # coredis reports each first use of a Lua script at INFO; only its problems matter here.
-    logging.getLogger("coredis").setLevel(max(logging.WARNING, logging.getLevelName(level)))
-
-
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    for action in parser._subparsers._group_actions if parser._subparsers else ():
-        if isinstance(action, argparse._SubParsersAction):
-            found: argparse.ArgumentParser = action.choices[command]
-            return found
-    return parser
-
-
-def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
-    """Report a failure at run time, as ``PROG: error: MESSAGE``, and exit with status 1."""
-    parser.exit(1, f"{parser.prog}: error: {message}\n")
-
-
-def _run_serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``trio-chat serve``; returns the exit status (0 after a clean shutdown)."""
     config = config_from_args(args)
     redis = redis_settings_from_args(args)
     if config.tls_cert is not None:  # a bad certificate fails here, before anything starts
