@@ -12,6 +12,7 @@ received a marker published after a step, each node has applied everything befor
 from __future__ import annotations
 
 import functools
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -599,3 +600,41 @@ async def test_unreachable_redis_at_start_up_is_one_line_and_retried(tmp_path: P
     finally:
         process.kill()
         await process.wait()
+
+
+@BOTH
+async def test_node_cut_off_past_the_node_timeout_ends_its_memberships(
+    redis: RedisService, nursery: trio.Nursery, tmp_path: Path, connect: Connector
+) -> None:
+    """A node stalled (SIGSTOP) past the node timeout is taken for dead: the others hear its
+    members leave; when it runs again, its clients are told (error 6) that their rooms were
+    left, and may join again."""
+    port_a, _broker = await nursery.start(run_node, settings(redis))
+    port_b = free_port()
+    node_b = await start_node_process(redis, port_b, tmp_path / "node-b.log")
+    try:
+        stalled = await connect(port_b)
+        await stalled.send(join_text("r", "stalled"))
+        await stalled.receive_until(b"MESSAGE: stalled has joined this chatroom.\n\n")
+        other = await connect(port_a)
+        await other.send(join_text("r", "other"))
+        await other.expect(joined("r", port_a, 0, 1, "other"))
+        await stalled.receive_until(b"MESSAGE: other has joined this chatroom.\n\n")
+        node_b.send_signal(signal.SIGSTOP)
+        with trio.fail_after(NODE_TIMEOUT * 4):
+            await other.expect(broadcast(0, "stalled", "stalled has left this chatroom."))
+        node_b.send_signal(signal.SIGCONT)
+        told = await stalled.receive_until(b"join again\n")
+        before, _, error = told.partition(b"ERROR_CODE: 6\n")
+        assert error  # and before it, at most its own departure, if that came first
+        assert before in (b"", broadcast(0, "stalled", "stalled has left this chatroom.").encode())
+        await stalled.send(chat_text(0, 0, "stalled", "still here?"))
+        await stalled.expect("ERROR_CODE: 3\n")
+        await stalled.receive_until(b"\n")
+        await stalled.send(join_text("r", "stalled"))
+        await stalled.receive_until(b"MESSAGE: stalled has joined this chatroom.\n\n")
+        await other.expect(broadcast(0, "stalled", "stalled has joined this chatroom."))
+    finally:
+        node_b.send_signal(signal.SIGCONT)
+        node_b.kill()
+        await node_b.wait()

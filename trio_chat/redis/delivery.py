@@ -90,6 +90,8 @@ class Delivery:
     _deferred: dict[Session, list[tuple[int, Callable[[], None]]]]
     _released: set[Session]
     _nursery: trio.Nursery | None
+    messages_received: int
+    events_applied: int
 
     def reply(self, session: Session, data: bytes) -> None:
         """Send `data` to `session` once every event it caused before is applied."""
@@ -138,6 +140,7 @@ class Delivery:
         feed = self._by_channel.get(channel)
         if feed is None:
             return
+        self.messages_received += 1
         try:
             message = Message.decode(data)
         except ValueError:
@@ -229,6 +232,34 @@ class Delivery:
                 room.members.pop(session.recipient, None)
         self._settle(own)
 
+    def evict_all(self) -> None:
+        """The other nodes took this one for dead and announced its members as gone: end
+        every membership here too, and tell each connection concerned (error 6), so that
+        no one chats on in a room where the others believe them gone."""
+        error = protocol.encode_error(
+            ProtocolError(
+                ErrorCode.UNAVAILABLE,
+                "this server was cut off from the service and your rooms were left; join again",
+            )
+        )
+        evicted = 0
+        for session in list(self._session_ids):
+            if not session.rooms:
+                continue
+            for ref in session.rooms:
+                room = self.registry.room(ref)
+                if room is not None:
+                    room.members.pop(session.recipient, None)
+            session.rooms.clear()
+            session.recipient.push(error)
+            evicted += 1
+        log.warning(
+            "this node was taken for dead while cut off; %d connections left their rooms",
+            evicted,
+        )
+        for feed in list(self._feeds.values()):
+            self._maybe_close(feed)
+
     def _apply_ready(self, feed: Feed) -> None:
         """Apply the feed's events in order, holding at an own event whose turn has not come."""
         todo = [feed]
@@ -253,6 +284,7 @@ class Delivery:
                 self._maybe_close(feed)
 
     def _apply(self, feed: Feed, frame: Frame, own: OwnEvent | None) -> None:
+        self.events_applied += 1
         ref = feed.ref
         if own is None:
             self.registry.apply(RoomEvent(ref, frame.data))

@@ -68,6 +68,7 @@ class RedisBroker(Delivery):
     _ids_epoch: bytes = b""
     _dropped: BaseException | None = None  # why the subscriber was lost, not yet logged
     _outage: bool = False  # an outage was logged and its end is still to be
+    _listed: bool = False  # in the set of live nodes since the last rejoin
     _floor_room_ref: int = 0  # one past the highest ROOM_REF seen
     _floor_join_id: int = 0  # one past the highest JOIN_ID seen
     _feeds: dict[int, Feed] = attrs.field(factory=dict)
@@ -88,6 +89,10 @@ class RedisBroker(Delivery):
     _availability_changed: trio.Event = attrs.field(factory=trio.Event)
     _nursery: trio.Nursery | None = None
     _scripts: dict[str, Any] = attrs.field(factory=dict)
+    messages_received: int = 0
+    """Messages taken from room channels: the share of the bus this node processes."""
+    events_applied: int = 0
+    """Room events applied here (each delivered to this node's members of the room)."""
 
     def __attrs_post_init__(self) -> None:
         self.keys = scripts.Keys(self.settings.prefix)
@@ -146,6 +151,11 @@ class RedisBroker(Delivery):
                 try:
                     yield broker
                 finally:
+                    log.info(
+                        "this node took %d messages (%d events) from its rooms' channels",
+                        broker.messages_received,
+                        broker.events_applied,
+                    )
                     nursery.cancel_scope.cancel()
                     with trio.move_on_after(settings.command_timeout) as cleanup:
                         cleanup.shield = True
@@ -210,8 +220,10 @@ class RedisBroker(Delivery):
                 epoch = await self.client.get(self.keys.ids_epoch)
                 if epoch is None or epoch != self._ids_epoch:
                     if self._ids_epoch:
-                        log.warning("Redis lost the identifiers; restoring those this node knows")
+                        log.warning("Redis lost its data; restoring what this node knows")
                     self._ids_epoch = await self._restore()
+                    self._listed = False  # not listed in a Redis that starts afresh
+                    await self._record_memberships()
                 await self._heartbeat()
         except FAILURES as error:
             log.debug("rejoining failed: %r", error)
@@ -241,11 +253,27 @@ class RedisBroker(Delivery):
         )
         return epoch
 
+    async def _record_memberships(self) -> None:
+        """Write this node's membership records afresh, so they are announced if it dies."""
+        for session, session_id in self._session_ids.items():
+            for ref, name in session.rooms.items():
+                leave = Frame(
+                    LEAVE, session_id, 0, "", protocol.encode_left_announcement(ref, name)
+                )
+                field = f"{self.node_id}:{session_id}"
+                await self.client.hset(self.keys.room(ref)[2], {field: leave.encode()})
+                await self.client.sadd(self.keys.node_rooms(self.node_id), [str(ref)])
+
     async def _heartbeat(self) -> None:
         # The heartbeat key first: a node listed without one may be reaped as dead.
         ttl_ms = int(self.settings.heartbeat_ttl * 1000)
         await self.client.set(self.keys.heartbeat(self.node_id), b"1", px=ttl_ms)
-        await self.client.sadd(self.keys.nodes, [self.node_id])
+        added = await self.client.sadd(self.keys.nodes, [self.node_id])
+        # Listed before, gone now, in the same Redis: another node took this one for dead (it
+        # was cut off or stalled past the node timeout) and announced its members' departures.
+        if added and self._listed and await self.client.get(self.keys.ids_epoch) == self._ids_epoch:
+            self.evict_all()
+        self._listed = True
         # Rooms allocated anywhere: a CHAT to one this node never served is error 3, not 2.
         rooms = await self.client.get(self.keys.room_counter)
         self._floor_room_ref = max(self._floor_room_ref, int(rooms or 0))
