@@ -100,7 +100,9 @@ def bench(port: int, scenario: str) -> float:
     options such as ``--rooms 50 --members 20``)."""
     command = [sys.executable, "-m", "trio_chat", "bench", "127.0.0.1", str(port)]
     command += scenario.split()
-    output = subprocess.run([*command, "--json"], capture_output=True, check=True, text=True)
+    output = subprocess.run([*command, "--json"], capture_output=True, text=True)
+    if output.returncode:
+        raise SystemExit(f"bench failed ({output.returncode}): {output.stderr.strip()}")
     result = json.loads(output.stdout.strip().splitlines()[-1])
     rate: float = result["deliveries_per_s"]
     return rate
