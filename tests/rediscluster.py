@@ -111,31 +111,51 @@ class RedisCluster:
 
     def start(self) -> None:
         """Start the masters, give each a third of the slots, and wait until all agree."""
-        for node in self.nodes:
-            node.start()
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         for node in self.nodes:
-            self._wait(deadline, node.answers)
+            node.start()
+        for node in self.nodes:
+            while not self._wait(deadline, node.answers, node):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("a master of the test cluster did not start")
+                # Its port was taken between choosing it and binding it: choose again.
+                node.stop()
+                node.port, node.bus_port = free_port(), free_port()
+                node.start()
         share = SLOTS // MASTERS
         for index, node in enumerate(self.nodes):
             last = SLOTS - 1 if index == MASTERS - 1 else (index + 1) * share - 1
             node.command("CLUSTER", "ADDSLOTSRANGE", str(index * share), str(last))
-        for node in self.nodes[1:]:
-            self.nodes[0].command(
-                "CLUSTER", "MEET", "127.0.0.1", str(node.port), str(node.bus_port)
-            )
-        for node in self.nodes:
-            self._wait(deadline, node.healthy)
+        while not all(node.healthy() for node in self.nodes):
+            # MEET again until every node knows every other (a first MEET can be lost).
+            for node in self.nodes[1:]:
+                self.nodes[0].command(
+                    "CLUSTER", "MEET", "127.0.0.1", str(node.port), str(node.bus_port)
+                )
+            for node in self.nodes:
+                self._wait(min(deadline, time.monotonic() + 1.0), node.healthy, node)
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test cluster did not become healthy")
 
-    def _wait(self, deadline: float, ready: Callable[[], bool]) -> None:
+    def _wait(self, deadline: float, ready: Callable[[], bool], node: ClusterNode) -> bool:
+        """Wait until `ready`; False if `node`'s process has ended (it could not start)."""
         while True:
             try:
                 if ready():
-                    return
+                    return True
             except OSError:
                 pass
+            if node.process is None or node.process.poll() is not None:
+                return False
             if time.monotonic() > deadline:
-                raise RuntimeError("the test cluster did not come up")
+                return False
             time.sleep(0.05)
 
     def owner(self, slot: int) -> ClusterNode:
