@@ -450,3 +450,19 @@ async def test_only_a_kill_its_node_accepted_reaches_the_other_nodes(tmp_path: P
         assert node_b.shutdown_scope.cancel_called
     finally:
         redis.stop()
+
+
+async def test_refused_kill_service_cannot_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A client repeating a refused KILL_SERVICE gets a few WARNING lines, then DEBUG ones."""
+    caplog.set_level(logging.DEBUG, logger="trio_chat")
+    server = ChatServer(Config(kill_allow=AddressSet.parse("none")))
+    async with trio.open_nursery() as nursery:
+        client, _ = open_memory_connection(server, nursery, peer="198.51.100.7:4000")
+        await client.send("KILL_SERVICE\n" * 50)
+        await client.barrier()
+        refused = [r for r in caplog.records if "outside --kill-allow" in r.getMessage()]
+        assert len(refused) == 50
+        assert sum(r.levelno == logging.WARNING for r in refused) == 10
+        assert server.counters.kill_refused == 50
+        assert not server.shutdown_scope.cancel_called
+        nursery.cancel_scope.cancel()

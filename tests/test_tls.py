@@ -26,6 +26,7 @@ from tests.chatclient import (
 from tests.conftest import TLSFiles, connect_tls, running_server
 from tests.test_cli import assert_runtime_error, trio_chat_command
 from trio_chat.config import Config
+from trio_chat.limits import AddressSet
 from trio_chat.server import ChatServer
 from trio_chat.tls import TLSSetupError, accept_tls, server_context
 
@@ -275,3 +276,18 @@ def test_tls_port_in_use_names_the_tls_port(tls_files: TLSFiles, busy_port: int)
         str(tls_files.key),
     )
     assert_runtime_error(result, f"port {busy_port}", "in use", "--tls-port")
+
+
+async def test_per_address_limit_over_tls(tls_files: TLSFiles) -> None:
+    """Past --max-connections-per-ip, a TLS client gets error 5 inside TLS, then a clean end."""
+    config = tls_config(
+        tls_files, max_connections_per_ip=1, limit_exempt=AddressSet.parse("192.0.2.0/24")
+    )
+    async with running_server(config) as server:
+        port = server.ports["tls"]
+        async with await connect_tls(port, tls_files) as first:
+            await first.barrier()
+            async with await connect_tls(port, tls_files) as second:
+                assert "at most 1 per address" in await second.expect_error(5)
+                await second.expect_eof()
+            await first.barrier()

@@ -309,7 +309,14 @@ class Connection:
                     self.server.shutdown(f"KILL_SERVICE from {self.peer}")
                 else:  # handled as an unknown line: no reply, the connection stays open
                     self.counters.kill_refused += 1
-                    log.warning(
+                    self._unknown_lines += 1  # and logged as sparingly, after the first few
+                    level = (
+                        logging.WARNING
+                        if self._unknown_lines <= UNKNOWN_LINES_LOGGED
+                        else logging.DEBUG
+                    )
+                    log.log(
+                        level,
                         "%s: KILL_SERVICE from %s, outside --kill-allow; ignored",
                         self.peer,
                         self.peer_ip,
