@@ -31,10 +31,7 @@ async def expect_helo(
     raise CaseFailed(label, expected=head + "…\n".encode(), arrived=arrived)
 
 
-@case(
-    "HELO: text echoed verbatim, the IP and port the client reached, same as in JOINED",
-    needs=frozenset(),
-)
+@case("HELO: text echoed verbatim, the IP and port the client reached, same as in JOINED")
 async def case_helo(ctx: Context) -> None:
     a = await ctx.connect("a")
     ip, port = ctx.identity(a)
