@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import socket
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,12 +20,17 @@ from tests.chatclient import (
     Client,
     chat_broadcast,
     chat_request,
+    free_port,
     helo_reply,
     join_request,
 )
 from tests.conftest import TLSFiles, connect_from, connect_tls, running_server
 from tests.redisserver import RedisProcess
-from tests.test_cli import assert_runtime_error, assert_usage_error, trio_chat_command
+from tests.test_cli import (
+    WORKERS_TIMEOUT,
+    assert_runtime_error,
+    trio_chat_command,
+)
 from tests.test_redis import settings as redis_settings
 from trio_chat.config import KIB, Config
 from trio_chat.limits import AddressSet
@@ -397,12 +404,52 @@ def test_metrics_port_in_use_names_the_metrics_port(busy_port: int) -> None:
     assert_runtime_error(result, f"port {busy_port}", "in use", "--metrics-port")
 
 
-def test_metrics_with_workers_is_a_usage_error() -> None:
-    """--metrics-port serves one process; with --workers it is refused, saying what to do."""
-    result = trio_chat_command(
-        "serve", "--port", "7999", "--workers", "2", "--redis", "redis://x", "--metrics-port", "0"
-    )
-    assert_usage_error(result, "--metrics-port", "--workers")
+async def test_each_worker_serves_metrics_on_a_port_of_its_own(tmp_path: Path) -> None:
+    """serve --workers 2 --metrics-port P: worker 1 answers on P, worker 2 on P + 1."""
+    redis = RedisProcess(tmp_path)
+    redis.start()
+    port, metrics = free_port(), consecutive_free_ports()
+    command = [sys.executable, "-m", "trio_chat", "serve", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--redis", redis.url, "--workers", "2"]
+    command += ["--metrics-port", str(metrics)]
+    log = bytearray()
+    try:
+        supervisor = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
+        assert supervisor.stderr is not None
+        try:
+            with trio.fail_after(WORKERS_TIMEOUT):
+                while log.count(b"metrics on http://") < 2:
+                    data = await supervisor.stderr.receive_some()
+                    assert data, log.decode()
+                    log += data
+                for worker_metrics in (metrics, metrics + 1):
+                    got = await scrape_http(worker_metrics)
+                    assert value(got, "trio_chat_redis_available") == 1
+                async with await Client.connect(port) as client:
+                    await client.send("KILL_SERVICE\n")
+                    while data := await supervisor.stderr.receive_some():
+                        log += data
+                    assert await supervisor.wait() == 0
+        finally:
+            supervisor.kill()
+            await supervisor.wait()
+    finally:
+        redis.stop()
+    text = log.decode()
+    for number, worker_metrics in ((1, metrics), (2, metrics + 1)):
+        assert f" worker {number} INFO metrics on http://127.0.0.1:{worker_metrics}/" in text
+
+
+def consecutive_free_ports() -> int:
+    """A port P such that P and P + 1 are both free on 127.0.0.1 right now."""
+    while True:
+        first = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", first + 1))
+            except OSError:
+                continue
+        return first
 
 
 # -- with Redis ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+import attrs
 import trio
 
 from trio_chat import tls
@@ -183,7 +184,8 @@ def _open_options(group: ArgumentGroup) -> None:
         "--metrics-port",
         type=port_number,
         metavar="PORT",
-        help="serve /metrics (Prometheus) and /healthz over HTTP on this port (default: off)",
+        help="serve /metrics (Prometheus) and /healthz over HTTP on this port; with --workers, "
+        "worker N on PORT + N - 1 (default: off)",
     )
     group.add_argument(
         "--metrics-host",
@@ -235,6 +237,9 @@ def _limit_options(group: ArgumentGroup) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``trio-chat serve``; returns the exit status (0 after a clean shutdown)."""
     config = config_from_args(args)
+    if args.worker_index is not None and config.metrics_port:
+        # Each worker is scraped on a port of its own: worker N on --metrics-port + N - 1.
+        config = attrs.evolve(config, metrics_port=config.metrics_port + args.worker_index - 1)
     redis = redis_settings_from_args(args)
     if config.tls_cert is not None:  # a bad certificate fails here, before anything starts
         try:
@@ -246,10 +251,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--workers needs --redis: the workers share their rooms through it")
         if config.port == 0:
             raise ValueError("--workers needs a fixed --port: every worker listens on it")
-        if config.metrics_port is not None:
+        if config.metrics_port and config.metrics_port + args.workers - 1 > 65535:
             raise ValueError(
-                "--metrics-port serves one process: with --workers, run one node per process "
-                "instead, each with its own --metrics-port, sharing --redis"
+                f"--metrics-port: worker N serves metrics on --metrics-port + N - 1, and "
+                f"{config.metrics_port} + {args.workers - 1} is past 65535"
             )
         from trio_chat.workers import supervise
 
