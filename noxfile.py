@@ -39,6 +39,13 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def faults(session: nox.Session) -> None:
+    """Run the long Redis fault tests (repeated pauses and dropped subscriptions)."""
+    _install(session, "test")
+    session.run("pytest", "-m", "faults", "tests/test_redis.py", *session.posargs)
+
+
+@nox.session
 def latest(session: nox.Session) -> None:
     """Run the tests on the newest release of every dependency, to learn of breakage early."""
     _install(session, "test", pinned=False)

@@ -646,3 +646,76 @@ async def test_node_cut_off_past_the_node_timeout_ends_its_memberships(
         node_b.send_signal(signal.SIGCONT)
         node_b.kill()
         await node_b.wait()
+
+
+# -- a longer run of faults, outside the default suite: ``scripts/test.sh -s faults``.
+
+
+@pytest.mark.faults
+@BOTH
+async def test_chat_through_repeated_pauses_and_dropped_subscriptions(
+    redis: RedisService, nursery: trio.Nursery, connect: Connector
+) -> None:
+    """Three rooms of four members over two nodes, every member sending, while Redis is
+    paused five times (1-3 s) and its subscriber connections are killed after each pause:
+    in each room every member sees the same messages, each sender's in order and once, and
+    each message missing was refused to its sender with error 6."""
+    nodes = await start_nodes(nursery, redis)
+    count = 150
+    rooms = {
+        ref: await members_of(f"room{ref}", nodes, connect, [f"r{ref}m{i}" for i in range(4)])
+        for ref in range(3)
+    }
+    join_ids = {}
+    for ref, members in rooms.items():
+        for index, member in enumerate(members):
+            join_ids[member] = ref * 4 + index
+
+    async def chat(ref: int, index: int, member: Client) -> None:
+        for n in range(count):
+            name = f"r{ref}m{index}"
+            await member.send(chat_text(ref, join_ids[member], name, f"{name}-{n}"))
+            await trio.sleep(0.05)
+
+    async with trio.open_nursery() as chatting:
+        for ref, members in rooms.items():
+            for index, member in enumerate(members):
+                chatting.start_soon(chat, ref, index, member)
+        for pause in (1.0, 2.5, 1.5, 3.0, 2.0):
+            await trio.sleep(0.7)
+            redis.pause()
+            await trio.sleep(pause)
+            redis.resume()
+            await trio.sleep(0.7)
+            redis.kill_subscribers()
+    # Each member says "end" until it is delivered (a late-noticed fault may refuse it).
+    received = {member: b"" for members in rooms.values() for member in members}
+    refused_ends = dict.fromkeys(received, 0)
+    for ref, members in rooms.items():
+        for index, member in enumerate(members):
+            name = f"r{ref}m{index}"
+            own_end = b"CLIENT_NAME: %s\nMESSAGE: end\n" % name.encode()
+            while True:
+                with trio.fail_after(NOTICE_TIMEOUT):
+                    for _port, broker in nodes:
+                        await broker.wait_available(True)
+                await member.send(chat_text(ref, join_ids[member], name, "end") + "HELO end\n")
+                received[member] += await member.receive_until(b"StudentID:node\n")
+                if own_end in received[member]:  # else this "end" was refused
+                    break
+                refused_ends[member] += 1
+    for ref, members in rooms.items():
+        for member in members:
+            while received[member].count(b"MESSAGE: end\n") < len(members):
+                received[member] += await member.receive_until(b"MESSAGE: end\n\n")
+        seen = [
+            [line for line in messages(received[member]) if line != b"MESSAGE: end"]
+            for member in members
+        ]
+        assert all(lines == seen[0] for lines in seen)
+        for index, member in enumerate(members):
+            prefix = f"MESSAGE: r{ref}m{index}-".encode()
+            mine = [int(line.removeprefix(prefix)) for line in seen[0] if line.startswith(prefix)]
+            assert mine == sorted(set(mine))
+            refused = received[member].count(b"ERROR_CODE: 6\n") - refused_ends[member]
+            assert len(mine) + refused == count

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -69,6 +70,7 @@ class RedisBroker(Delivery):
     _dropped: BaseException | None = None  # why the subscriber was lost, not yet logged
     _outage: bool = False  # an outage was logged and its end is still to be
     _listed: bool = False  # in the set of live nodes since the last rejoin
+    _healthy_since: float = math.inf  # when Redis last began answering this node
     _floor_room_ref: int = 0  # one past the highest ROOM_REF seen
     _floor_join_id: int = 0  # one past the highest JOIN_ID seen
     _feeds: dict[int, Feed] = attrs.field(factory=dict)
@@ -183,6 +185,7 @@ class RedisBroker(Delivery):
         A subscriber connection that Redis closed is often back at the first retry (a
         ``CLIENT KILL``, an output buffer limit): `quietly` leaves the log line to the
         reconnection, so a routine reconnect is one line."""
+        self._healthy_since = math.inf
         if quietly and self._rejoined:
             self._dropped = error
         elif self._rejoined or self._dropped is not None:
@@ -230,6 +233,7 @@ class RedisBroker(Delivery):
             return  # the subscriber notices and reconnects; or the next heartbeat retries
         if not self._rejoined:
             self._rejoined = True
+            self._healthy_since = trio.current_time()
             if self._dropped is not None:
                 log.warning(
                     "Redis closed a subscriber connection (%s); resubscribed and caught up",
@@ -289,7 +293,11 @@ class RedisBroker(Delivery):
                 continue
             try:
                 await self._command(self._heartbeat)
-                await self._command(self._reap_dead_nodes)
+                # A node whose heartbeat expired while Redis itself was stalled or out of
+                # reach is not dead: every node gets one full node timeout of working Redis
+                # to renew its heartbeat before any is taken for dead.
+                if trio.current_time() - self._healthy_since >= self.settings.heartbeat_ttl:
+                    await self._command(self._reap_dead_nodes)
             except ProtocolError:
                 pass  # marked down; the next beat rejoins
 
