@@ -10,9 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_chat.protocol import (
-    NEED_DATA,
     NO_SUCH_ID,
-    TURN_OVER,
     Chat,
     Disconnect,
     ErrorCode,
@@ -25,8 +23,6 @@ from trio_chat.protocol import (
     ProtocolError,
     Request,
     RequestParser,
-    RequestReader,
-    Signal,
     Unknown,
     encode_chat,
     encode_error,
@@ -36,6 +32,7 @@ from trio_chat.protocol import (
     encode_left,
     encode_left_announcement,
 )
+from trio_chat.reader import NEED_DATA, TURN_OVER, RequestReader, Signal
 
 # Limits large enough that nothing in these tests reaches them unless it means to.
 BIG = 1 << 20

@@ -21,8 +21,6 @@ from trio_chat import protocol
 from trio_chat.limits import TokenBucket
 from trio_chat.outbox import Outbox
 from trio_chat.protocol import (
-    NEED_DATA,
-    TURN_OVER,
     Chat,
     Disconnect,
     Event,
@@ -31,9 +29,9 @@ from trio_chat.protocol import (
     KillService,
     Leave,
     ProtocolError,
-    RequestReader,
     Unknown,
 )
+from trio_chat.reader import NEED_DATA, TURN_OVER, RequestReader
 from trio_chat.rooms import Session
 from trio_chat.transport import Transport, display_ip
 
