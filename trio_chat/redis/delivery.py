@@ -49,6 +49,15 @@ FAILURES = (
 )
 
 
+def describe(error: BaseException) -> str:
+    """A short reason for a log line."""
+    if isinstance(error, trio.TooSlowError):
+        return "no answer in time"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
 def unavailable() -> ProtocolError:
     """Error 6."""
     return ProtocolError(ErrorCode.UNAVAILABLE, "service temporarily unavailable, try again")

@@ -42,17 +42,18 @@ from coredis.retry import NoRetryPolicy
 from trio_chat import protocol
 from trio_chat.protocol import Chat, ErrorCode, Join, Leave, ProtocolError
 from trio_chat.redis import scripts
-from trio_chat.redis.delivery import FAILURES, Delivery, OwnEvent, unavailable
-from trio_chat.redis.feed import CHAT, JOIN, LEAVE, Feed, Frame
+from trio_chat.redis.delivery import FAILURES, OwnEvent, describe, unavailable
+from trio_chat.redis.feed import LEAVE, Feed, Frame
+from trio_chat.redis.publishing import Publishing
 from trio_chat.redis.settings import RedisSettings
 from trio_chat.redis.subscriber import Subscriber, SubscriberLost, command
-from trio_chat.rooms import Registry, RoomEvent, Session
+from trio_chat.rooms import Registry, Session
 
 log = logging.getLogger("trio_chat.redis")
 
 
 @attrs.define(eq=False)
-class RedisBroker(Delivery):
+class RedisBroker(Publishing):
     """One node of a service whose rooms are shared through Redis (see the module docs)."""
 
     settings: RedisSettings
@@ -191,7 +192,7 @@ class RedisBroker(Delivery):
         elif self._rejoined or self._dropped is not None:
             log.warning(
                 "Redis unavailable (%s); requests get error 6 until it is back",
-                _describe(self._dropped or error),
+                describe(self._dropped or error),
             )
             self._dropped = None
             self._outage = True
@@ -237,7 +238,7 @@ class RedisBroker(Delivery):
             if self._dropped is not None:
                 log.warning(
                     "Redis closed a subscriber connection (%s); resubscribed and caught up",
-                    _describe(self._dropped),
+                    describe(self._dropped),
                 )
             elif self._outage:
                 log.info("Redis available again")
@@ -316,9 +317,6 @@ class RedisBroker(Delivery):
                     keys=keys.room(ref), args=[*self._room_args(ref), node]
                 )
             await client.delete([keys.node_rooms(node)])
-
-    def _room_args(self, ref: int) -> list[str | int]:
-        return [self.keys.channel(ref), secrets.token_hex(6), self.settings.log_length]
 
     async def _leave_cluster(self) -> None:
         """On a clean stop: publish what is queued, then let the others announce the rest."""
@@ -422,101 +420,7 @@ class RedisBroker(Delivery):
             try:
                 await self.client.spublish(self.keys.control, message)
             except FAILURES as error:
-                log.warning("could not tell the other nodes to stop: %s", _describe(error))
-
-    def _publish(self, events: tuple[RoomEvent, ...]) -> None:
-        """Queue `events` for their rooms' channels; they are applied when they come back."""
-        now = trio.current_time()
-        for event in events:
-            session = event.joining or event.leaving or event.sender
-            assert session is not None
-            session_id = self._session_ids.get(session)
-            if session_id is None:
-                session_id = self._session_ids[session] = self._next_session
-                self._next_session += 1
-            ref = event.room_ref
-            feed = self._feeds.get(ref)
-            if feed is None:  # not subscribed: the session's membership was lost with Redis
-                log.debug("not publishing to room %d: no member here", ref)
-                continue
-            feed.interest += 1
-            token, self._next_token = self._next_token, self._next_token + 1
-            field = f"{self.node_id}:{session_id}"
-            if event.joining is not None:
-                name = session.rooms[ref]
-                frame = Frame(JOIN, session_id, token, name, event.data)
-                leave = Frame(
-                    LEAVE, session_id, 0, "", protocol.encode_left_announcement(ref, name)
-                )
-                own = OwnEvent(
-                    token, session, ref, frame, event.welcome, record=(field, leave.encode())
-                )
-            elif event.leaving is not None:
-                frame = Frame(LEAVE, session_id, token, "", event.data)
-                own = OwnEvent(token, session, ref, frame, forget=field)
-            else:
-                own = OwnEvent(token, session, ref, Frame(CHAT, session_id, token, "", event.data))
-            own.published = now
-            self._own[token] = own
-            self._pending.setdefault(session, collections.deque()).append(token)
-            self._backlog.append(own)
-        self._backlog_ready.set()
-
-    async def _publish_backlog(self) -> None:
-        """Publish queued events in order: one batch at a time, one script call per room."""
-        while True:
-            await self._backlog_ready.wait()
-            self._backlog_ready = trio.Event()
-            while self._backlog:
-                batch, self._backlog = self._backlog, []
-                await self._publish_batch(batch, retry=True)
-
-    async def _publish_batch(self, batch: list[OwnEvent], *, retry: bool) -> None:
-        by_room: dict[int, list[OwnEvent]] = {}
-        for own in batch:
-            by_room.setdefault(own.room_ref, []).append(own)
-        async with trio.open_nursery() as nursery:
-            for ref, owns in by_room.items():
-                number = self._batch_numbers[ref] = self._batch_numbers.get(ref, 0) + 1
-                nursery.start_soon(self._publish_room, ref, number, owns, retry)
-
-    async def _publish_room(self, ref: int, number: int, owns: list[OwnEvent], retry: bool) -> None:
-        body = b"%s %d\n" % (self.node_id.encode(), number) + b"".join(
-            own.frame.encode() for own in owns
-        )
-        records: list[str | bytes] = []
-        forgotten = [own.forget for own in owns if own.forget is not None]
-        for own in owns:
-            if own.record is not None:
-                records += own.record
-        args = [*self._room_args(ref), body, len(records), *records, *forgotten]
-        delay = self.settings.retry_initial
-        while True:
-            try:
-                with trio.fail_after(self.settings.command_timeout):
-                    if records:  # where to look for this node's members if it dies
-                        await self.client.sadd(self.keys.node_rooms(self.node_id), [str(ref)])
-                    reply = await self._scripts["ROOM_APPEND"](keys=self.keys.room(ref), args=args)
-                break
-            except FAILURES as error:
-                if not retry:
-                    raise
-                # Unknown whether Redis carried it out: send it again with the same number
-                # (receivers drop a second copy) until Redis answers. Meanwhile no new request
-                # is taken, so nothing is caused that could not be delivered in order.
-                if not self._in_doubt:
-                    log.warning("publishing to Redis failed (%s); retrying", _describe(error))
-                    self._in_doubt = True
-                    self._changed()
-                self._mark_down(error)
-                await trio.sleep(delay)
-                delay = min(delay * 2, self.settings.retry_max)
-        if self._in_doubt:
-            self._in_doubt = False
-            self._changed()
-        epoch, _, seq = bytes(reply).partition(b" ")
-        for own in owns:
-            own.confirmed = (epoch, int(seq))
+                log.warning("could not tell the other nodes to stop: %s", describe(error))
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -561,7 +465,7 @@ async def _wait_for_redis(settings: RedisSettings) -> bool:
                 log.warning(
                     "Redis at %s is not reachable (%s); retrying every %g s",
                     settings.url,
-                    _describe(error),
+                    describe(error),
                     settings.retry_max,
                 )
                 reported = True
@@ -570,11 +474,3 @@ async def _wait_for_redis(settings: RedisSettings) -> bool:
         if reported:
             log.info("Redis at %s reached", settings.url)
         return isinstance(info, bytes) and b"cluster_enabled:1" in info
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, trio.TooSlowError):
-        return "no answer in time"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error) or type(error).__name__
