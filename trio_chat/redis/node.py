@@ -7,7 +7,7 @@ included, is applied when it comes back from the room's channel, so every member
 sees a room's events in the one order Redis gave them.
 
 Exactly once: a node publishes a room's events in batches through a script that numbers them
-and keeps them in the room's log (`scripts.ROOM_APPEND`). A batch whose outcome is unknown
+and keeps them in the room's log (`scripts.ROOMS_APPEND`). A batch whose outcome is unknown
 (a timeout) is sent again with the same batch number until Redis answers, and receivers drop
 the second copy; the node never applies its own events except from the channel. A gap in the
 numbers, or a subscription lost and renewed, is filled from the log.
@@ -113,7 +113,7 @@ class RedisBroker(Publishing):
             retry_max=settings.retry_max,
         )
         self.subscriber.channels.add(self.keys.control)
-        for name in ("ROOM_APPEND", "ROOM_REAP", "ROOM_REF", "JOIN_ID", "RESTORE"):
+        for name in ("ROOMS_APPEND", "ROOM_REAP", "ROOM_REF", "JOIN_ID", "RESTORE"):
             self._scripts[name] = self.client.register_script(getattr(scripts, name))
 
     # -- running ---------------------------------------------------------------------------

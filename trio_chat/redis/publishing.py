@@ -1,11 +1,12 @@
 """Publishing on one node: a room's events go out in numbered batches, retried until known.
 
-A node's events wait in a backlog; the backlog goes out one batch at a time, one script call
-per room (`scripts.ROOM_APPEND`), each call numbering the batch in the room's sequence. A call
-whose outcome is unknown (a timeout) is sent again with the same batch number until Redis
-answers, and receivers drop a second copy; meanwhile the node takes no new request (error 6).
-Batches go out one after another so that the earliest own event not yet applied is always at
-the front of its room (see delivery.py).
+A node's events wait in a backlog; the backlog goes out one batch at a time through
+`scripts.ROOMS_APPEND` (one call for a single Redis, one call per room for a cluster), which
+numbers each room's part of the batch in the room's sequence. A call whose outcome is unknown
+(a timeout) is sent again with the same batch numbers until Redis answers, and receivers drop
+a second copy; meanwhile the node takes no new request (error 6). Batches go out one after
+another so that the earliest own event not yet applied is always at the front of its room
+(see delivery.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Publishing(Delivery):
     _in_doubt: bool
     _batch_numbers: dict[int, int]
     _scripts: dict[str, Any]
+    cluster: bool
     _changed: Callable[[], None]
     _mark_down: Callable[..., None]
 
@@ -96,36 +98,51 @@ class Publishing(Delivery):
                 await self._publish_batch(batch, retry=True)
 
     async def _publish_batch(self, batch: list[OwnEvent], *, retry: bool) -> None:
+        """Publish one batch: one call for a single Redis, one call per room for a cluster."""
         by_room: dict[int, list[OwnEvent]] = {}
         for own in batch:
             by_room.setdefault(own.room_ref, []).append(own)
+        rooms = []
+        for ref, owns in by_room.items():
+            number = self._batch_numbers[ref] = self._batch_numbers.get(ref, 0) + 1
+            rooms.append((ref, number, owns))
+        if not self.cluster:
+            await self._publish_rooms(rooms, retry)
+            return
         async with trio.open_nursery() as nursery:
-            for ref, owns in by_room.items():
-                number = self._batch_numbers[ref] = self._batch_numbers.get(ref, 0) + 1
-                nursery.start_soon(self._publish_room, ref, number, owns, retry)
+            for room in rooms:
+                nursery.start_soon(self._publish_rooms, [room], retry)
 
-    async def _publish_room(self, ref: int, number: int, owns: list[OwnEvent], retry: bool) -> None:
-        body = b"%s %d\n" % (self.node_id.encode(), number) + b"".join(
-            own.frame.encode() for own in owns
-        )
-        records: list[str | bytes] = []
-        forgotten = [own.forget for own in owns if own.forget is not None]
-        for own in owns:
-            if own.record is not None:
-                records += own.record
-        args = [*self._room_args(ref), body, len(records), *records, *forgotten]
+    async def _publish_rooms(
+        self, rooms: list[tuple[int, int, list[OwnEvent]]], retry: bool
+    ) -> None:
+        """One ROOMS_APPEND call for `rooms` (ROOM_REF, batch number, events), sent again
+        until Redis answers."""
+        keys: list[str] = []
+        args: list[str | bytes | int] = []
+        member_rooms = []  # where to look for this node's members if it dies
+        for ref, number, owns in rooms:
+            body = b"%s %d\n" % (self.node_id.encode(), number)
+            body += b"".join(own.frame.encode() for own in owns)
+            records = [part for own in owns if own.record is not None for part in own.record]
+            forgotten = [own.forget for own in owns if own.forget is not None]
+            keys += self.keys.room(ref)
+            args += [*self._room_args(ref), body, len(records), *records]
+            args += [len(forgotten), *forgotten]
+            if records:
+                member_rooms.append(str(ref))
         delay = self.settings.retry_initial
         while True:
             try:
                 with trio.fail_after(self.settings.command_timeout):
-                    if records:  # where to look for this node's members if it dies
-                        await self.client.sadd(self.keys.node_rooms(self.node_id), [str(ref)])
-                    reply = await self._scripts["ROOM_APPEND"](keys=self.keys.room(ref), args=args)
+                    if member_rooms:
+                        await self.client.sadd(self.keys.node_rooms(self.node_id), member_rooms)
+                    replies = await self._scripts["ROOMS_APPEND"](keys=keys, args=args)
                 break
             except FAILURES as error:
                 if not retry:
                     raise
-                # Unknown whether Redis carried it out: send it again with the same number
+                # Unknown whether Redis carried it out: send it again with the same numbers
                 # (receivers drop a second copy) until Redis answers. Meanwhile no new request
                 # is taken, so nothing is caused that could not be delivered in order.
                 if not self._in_doubt:
@@ -138,6 +155,7 @@ class Publishing(Delivery):
         if self._in_doubt:
             self._in_doubt = False
             self._changed()
-        epoch, _, seq = bytes(reply).partition(b" ")
-        for own in owns:
-            own.confirmed = (epoch, int(seq))
+        for (_ref, _number, owns), reply in zip(rooms, replies, strict=True):
+            epoch, _, seq = bytes(reply).partition(b" ")
+            for own in owns:
+                own.confirmed = (epoch, int(seq))

@@ -4,7 +4,7 @@ Every key of one room carries the room's hash tag (``{room:7}``), and so does th
 shard channel, so a room's script touches a single slot: it runs on one shard of a Redis
 Cluster without CROSSSLOT errors. The identifier counters share the tag ``{ids}``.
 
-A room's events pass through `ROOM_APPEND`, which in one atomic step gives them the room's
+A room's events pass through `ROOMS_APPEND`, which in one atomic step gives them the room's
 next sequence number, appends them to the room's bounded log (a stream whose entry IDs are the
 sequence numbers), updates the room's membership records and publishes them on the room's
 channel. A subscriber that sees a gap in the numbers, or lost its subscription, reads what it
@@ -15,44 +15,54 @@ that had not caught up) and numbering started again.
 
 from __future__ import annotations
 
-# Shared by the two scripts that publish: KEYS[1] the room's hash (epoch, seq), KEYS[2] its
-# log, KEYS[3] its membership records; ARGV[1] the channel, ARGV[2] an epoch to start with,
-# ARGV[3] the log's length. `publish(body)` appends and publishes one message and returns
-# ``<epoch> <seq>``.
-_APPEND = """
-local function publish(body)
-  local epoch = redis.call('HGET', KEYS[1], 'epoch')
+# Shared by the scripts that publish. `publish` appends one message to a room's log and
+# publishes it on the room's channel, starting the room's epoch (ARGV `new_epoch`) if it has
+# none; it returns ``<epoch> <seq>``.
+_PUBLISH = """
+local function publish(meta, log, channel, new_epoch, maxlen, body)
+  local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
-    epoch = ARGV[2]
-    redis.call('HSET', KEYS[1], 'epoch', epoch)
-    redis.call('DEL', KEYS[2])
+    epoch = new_epoch
+    redis.call('HSET', meta, 'epoch', epoch)
+    redis.call('DEL', log)
   end
-  local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  local seq = redis.call('HINCRBY', meta, 'seq', 1)
   local message = epoch .. ' ' .. seq .. '\\n' .. body
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', message)
-  redis.call('SPUBLISH', ARGV[1], message)
+  redis.call('XADD', log, 'MAXLEN', '~', maxlen, seq .. '-0', 'm', message)
+  redis.call('SPUBLISH', channel, message)
   return epoch .. ' ' .. seq
 end
 """
 
-# One node's batch of events for one room. ARGV[4] the body (origin, number, frames),
-# ARGV[5] how many of the following values are field/record pairs to set; the rest are
-# fields to delete. Returns ``<epoch> <seq>``.
-ROOM_APPEND = (
-    _APPEND
+# One node's batches for one or more rooms: per room, three KEYS (`Keys.room`) and the ARGV
+# channel, an epoch to start with, the log's length, the body (origin, number, frames), the
+# count of membership values to set then those field/record pairs, the count of fields to
+# delete then those fields. Returns ``<epoch> <seq>`` per room. A single Redis takes a whole
+# batch in one call; a cluster one call per room, as a script may touch one slot only.
+ROOMS_APPEND = (
+    _PUBLISH
     + """
-local n = tonumber(ARGV[5])
-for i = 6, 5 + n, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
-for i = 6 + n, #ARGV do redis.call('HDEL', KEYS[3], ARGV[i]) end
-return publish(ARGV[4])
+local results = {}
+local a = 1
+for k = 1, #KEYS, 3 do
+  local n = tonumber(ARGV[a + 4])
+  for i = a + 5, a + 4 + n, 2 do redis.call('HSET', KEYS[k + 2], ARGV[i], ARGV[i + 1]) end
+  local m = tonumber(ARGV[a + 5 + n])
+  for i = a + 6 + n, a + 5 + n + m do redis.call('HDEL', KEYS[k + 2], ARGV[i]) end
+  local reply = publish(KEYS[k], KEYS[k + 1], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+  table.insert(results, reply)
+  a = a + 6 + n + m
+end
+return results
 """
 )
 
-# The departures of a dead node's members of one room. ARGV[4] the dead node's id; each of its
-# records holds the leave frame to publish. Publishes them in the order the node's
-# connections began, with the dead node's own origin, so that a second reaper finds nothing.
+# The departures of a dead node's members of one room. KEYS as above; ARGV the channel, an
+# epoch, the log's length, the dead node's id. Each of its records holds the leave frame to
+# publish. Publishes them in the order the node's connections began, as one message that no
+# node's batch numbering covers, so that a second reaper finds nothing.
 ROOM_REAP = (
-    _APPEND
+    _PUBLISH
     + """
 local prefix = ARGV[4] .. ':'
 local found = {}
@@ -69,7 +79,8 @@ for _, record in ipairs(found) do
   redis.call('HDEL', KEYS[3], record[2])
   table.insert(frames, record[3])
 end
-return publish('reaped:' .. ARGV[4] .. ' 0\\n' .. table.concat(frames))
+local body = 'reaped:' .. ARGV[4] .. ' 0\\n' .. table.concat(frames)
+return publish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], body)
 """
 )
 
