@@ -776,6 +776,12 @@ def test_message_limit_counts_continuation_lines_as_relayed() -> None:
     assert info.value.code is ErrorCode.TOO_LARGE
 
 
+def test_message_lines_after_the_first_are_held_to_the_message_limit_only() -> None:
+    """A later line of a message may be longer than max_line: only max_message applies."""
+    data = b"CHAT: 0\nJOIN_ID: 0\nCLIENT_NAME: n\nMESSAGE: a\n" + b"b" * 50 + b"\n\n"
+    assert parse([data], max_line=20, max_message=60) == [Chat(0, 0, "n", "a\n" + "b" * 50)]
+
+
 message_line_bytes = st.binary(max_size=12).filter(lambda line: b"\n" not in line)
 
 
