@@ -328,7 +328,7 @@ class ChatServer:
         door = WebDoor(config, serve_web, self.tls_context)
         doors: list[tuple[str, Sequence[trio.SocketListener], SocketHandler]] = [
             ("plain", listeners, self._serve_socket),
-            ("tls", tls_listeners, self._serve_tls_socket),
+            ("tls", tls_listeners, functools.partial(self._serve_socket, listener="tls")),
             ("web", web_listeners, door.serve_socket),
         ]
         with self.shutdown_scope:
@@ -386,34 +386,27 @@ class ChatServer:
                     failures = 0
                 nursery.start_soon(_holding_slot, serve_socket, stream, slots.release)
 
-    async def _serve_socket(self, stream: trio.SocketStream) -> None:
+    async def _serve_socket(self, stream: trio.SocketStream, *, listener: str = "plain") -> None:
         try:
             transport = StreamTransport.from_socket(stream, stream)
         except OSError:  # the client is already gone
             await trio.aclose_forcefully(stream)
             return
-        await self.serve_transport(transport)
-
-    async def _serve_tls_socket(self, stream: trio.SocketStream) -> None:
-        try:
-            transport = StreamTransport.from_socket(stream, stream)
-        except OSError:  # the client is already gone
-            await trio.aclose_forcefully(stream)
-            return
-        # Here, in the client's own task: a slow handshake holds up no one else.
-        assert self.tls_context is not None
-        encrypted = await tls.accept_tls(
-            stream,
-            self.tls_context,
-            handshake_timeout=self.config.tls_handshake_timeout,
-            peer=transport.peer,
-        )
-        if encrypted is None:
-            self.counters.tls_failures += 1
-            await trio.aclose_forcefully(stream)
-            return
-        transport = StreamTransport(encrypted, local=transport.local, peer=transport.peer)
-        await self.serve_transport(transport, listener="tls")
+        if listener == "tls":
+            # Here, in the client's own task: a slow handshake holds up no one else.
+            assert self.tls_context is not None
+            encrypted = await tls.accept_tls(
+                stream,
+                self.tls_context,
+                handshake_timeout=self.config.tls_handshake_timeout,
+                peer=transport.peer,
+            )
+            if encrypted is None:
+                self.counters.tls_failures += 1
+                await trio.aclose_forcefully(stream)
+                return
+            transport = StreamTransport(encrypted, local=transport.local, peer=transport.peer)
+        await self.serve_transport(transport, listener=listener)
 
 
 # What serves one accepted socket of a door.
