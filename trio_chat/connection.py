@@ -290,11 +290,7 @@ class Connection:
                 self._reply(protocol.encode_helo(event.text, self.ip, self.port, config.student_id))
                 return
             elif type(event) is Unknown:
-                self._unknown_lines += 1
-                level = (
-                    logging.INFO if self._unknown_lines <= UNKNOWN_LINES_LOGGED else logging.DEBUG
-                )
-                log.log(level, "%s: ignoring unknown line %.80r", self.peer, event.line)
+                self._log_sparingly(logging.INFO, "ignoring unknown line %.80r", event.line)
                 return
             elif type(event) is Disconnect:
                 log.info("%s disconnecting as %s", self.peer, event.client_name)
@@ -307,16 +303,9 @@ class Connection:
                     self.server.shutdown(f"KILL_SERVICE from {self.peer}")
                 else:  # handled as an unknown line: no reply, the connection stays open
                     self.counters.kill_refused += 1
-                    self._unknown_lines += 1  # and logged as sparingly, after the first few
-                    level = (
-                        logging.WARNING
-                        if self._unknown_lines <= UNKNOWN_LINES_LOGGED
-                        else logging.DEBUG
-                    )
-                    log.log(
-                        level,
-                        "%s: KILL_SERVICE from %s, outside --kill-allow; ignored",
-                        self.peer,
+                    self._log_sparingly(
+                        logging.WARNING,
+                        "KILL_SERVICE from %s, outside --kill-allow; ignored",
                         self.peer_ip,
                     )
                 return
@@ -329,6 +318,13 @@ class Connection:
                 log.info("%s: %s; closing", self.peer, error.description)
                 self.ending = "too_large"
                 self._close_gracefully()
+
+    def _log_sparingly(self, level: int, message: str, *args: object) -> None:
+        """Log an ignored line at `level` for the first few, then at DEBUG."""
+        self._unknown_lines += 1
+        if self._unknown_lines > UNKNOWN_LINES_LOGGED:
+            level = logging.DEBUG
+        log.log(level, "%s: " + message, self.peer, *args)
 
     async def _join(self, request: Join) -> None:
         if self._debug:
