@@ -388,7 +388,7 @@ class ChatServer:
 
     async def _serve_socket(self, stream: trio.SocketStream, *, listener: str = "plain") -> None:
         try:
-            transport = StreamTransport.from_socket(stream, stream)
+            transport = StreamTransport.from_socket(stream)
         except OSError:  # the client is already gone
             await trio.aclose_forcefully(stream)
             return

@@ -68,16 +68,13 @@ class StreamTransport:
         self._closed_by_eof = False
 
     @classmethod
-    def from_socket(
-        cls, stream: trio.abc.Stream, socket_stream: trio.SocketStream
-    ) -> StreamTransport:
-        """A transport over `stream`, carried by the accepted `socket_stream` (the same
-        stream for plain TCP, the one under TLS): its addresses name the client.
+    def from_socket(cls, stream: trio.SocketStream) -> StreamTransport:
+        """A transport over the accepted `stream`, its addresses read from the socket.
 
         Raises `OSError` if the client is already gone.
         """
-        local = socket_stream.socket.getsockname()
-        peer = socket_stream.socket.getpeername()
+        local = stream.socket.getsockname()
+        peer = stream.socket.getpeername()
         return cls(stream, local=(local[0], local[1]), peer=f"{display_ip(peer[0])}:{peer[1]}")
 
     async def receive(self, max_bytes: int) -> bytes | bytearray:
