@@ -270,9 +270,13 @@ class Outbox:
         if fd is None or self._closed:
             start_writer()
             return
+        self._start_writer = start_writer
+        self._write_directly(fd)
+
+    def _write_directly(self, fd: int) -> None:
+        """Let the flusher write to `fd` from now on (rules 1 and 2 of the module docstring)."""
         self._fd = fd
         self._flusher = _flusher()
-        self._start_writer = start_writer
         if self._pending:
             self._mark_dirty()
 
@@ -287,10 +291,7 @@ class Outbox:
         if self._fd is None and self._flusher is None:
             fd = transport.fileno() if direct else None
             if fd is not None and not self._closed:
-                self._fd = fd
-                self._flusher = _flusher()
-                if self._pending:
-                    self._mark_dirty()
+                self._write_directly(fd)
         self._start_writer = None
         try:
             while True:
