@@ -150,7 +150,7 @@ class Connection:
                 log.info("%s disconnected (%s)", self.peer, self.ending)
             # The outbox calls back into this connection: without this cycle a connection is
             # freed as soon as it ends (at shutdown, thousands would wait for the collector).
-            self.outbox.on_overflow = None
+            self.outbox.on_cut_off = None
             # Inside a cancelled scope (shutdown) this raises Cancelled once closed.
             await self.transport.aclose()
 

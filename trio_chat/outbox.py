@@ -99,8 +99,9 @@ class Outbox:
     """Bytes waiting to be sent to one client, at most `limit` of them at a time.
 
     A push that would take the unsent total past `limit` drops everything, marks the outbox
-    overflowed and calls `on_overflow` once: a client that does not read is cut off instead of
-    holding memory or slowing anyone else down. An outbox ends in one of two ways: `close`
+    overflowed and calls `on_cut_off` once: a client that does not read is cut off instead of
+    holding memory or slowing anyone else down. A direct write that fails unexpectedly does
+    the same, with `failed` set (rule 4). An outbox ends in one of two ways: `close`
     (send what is queued, then end the output) or `abandon` (drop it).
     """
 
@@ -118,16 +119,14 @@ class Outbox:
         "_writing",
         "failed",
         "limit",
-        "on_overflow",
+        "on_cut_off",
         "overflowed",
         "sent",
     )
 
-    def __init__(
-        self, limit: int, on_overflow: Callable[[Outbox, int], None] | None = None
-    ) -> None:
+    def __init__(self, limit: int, on_cut_off: Callable[[Outbox, int], None] | None = None) -> None:
         self.limit = limit
-        self.on_overflow = on_overflow
+        self.on_cut_off = on_cut_off
         self.overflowed = False
         self.failed = False  # the flusher met an unexpected error writing for this outbox
         self.sent = 0  # bytes written so far (for metrics: counted per write, not per push)
@@ -160,8 +159,8 @@ class Outbox:
         if size > self.limit:
             self.overflowed = True
             self.abandon()
-            if self.on_overflow is not None:
-                self.on_overflow(self, len(data))
+            if self.on_cut_off is not None:
+                self.on_cut_off(self, len(data))
             return
         self._size = size
         self._pending.append(data)
@@ -208,8 +207,8 @@ class Outbox:
     def _fail(self) -> None:
         self.failed = True
         self.abandon()
-        if self.on_overflow is not None:
-            self.on_overflow(self, 0)
+        if self.on_cut_off is not None:
+            self.on_cut_off(self, 0)
 
     def _wake(self) -> None:
         waiter = self._waiter
