@@ -39,13 +39,20 @@ def test_context_loads_a_certificate_and_its_key(tls_files: TLSFiles) -> None:
     assert context.minimum_version.name == "TLSv1_2"
 
 
-def test_context_takes_the_key_from_the_certificate_file(
+async def test_context_takes_the_key_from_the_certificate_file(
     tls_files: TLSFiles, tmp_path: Path
 ) -> None:
-    """Without a key file, the key is read from the certificate file (one PEM bundle)."""
+    """Without a key file, the key is read from the certificate file (one PEM bundle), and
+    a client that trusts the certificate completes a handshake with it."""
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(tls_files.key.read_bytes() + tls_files.cert.read_bytes())
-    server_context(bundle)
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    server = trio.SSLStream(server_stream, server_context(bundle), server_side=True)
+    client = trio.SSLStream(client_stream, tls_files.client_context, server_hostname="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        await client.do_handshake()
+    assert client.getpeercert() is not None
 
 
 def test_missing_certificate_is_one_line_naming_it(tls_files: TLSFiles, tmp_path: Path) -> None:
