@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
+STARTED: list[subprocess.Popen[bytes]] = []  # servers to stop if a run fails
 NODE_LINE = re.compile(rb"this node took (\d+) messages \((\d+) events\)")
 
 
@@ -85,6 +86,7 @@ def serve(port: int, *options: str, log: Path) -> subprocess.Popen[bytes]:
     command += ["--port", str(port), "--log-level", "INFO", *options]
     with log.open("wb") as stderr:
         process = subprocess.Popen(command, stderr=stderr)
+    STARTED.append(process)
     wait_for_port(port)
     return process
 
@@ -159,8 +161,10 @@ def main() -> None:
                 figures = f"{rate / 1e6:.2f} M deliveries/s, {used:.2f} s CPU"
                 print(f"    (b) {label}: {figures}; took {node_counts(log)}")
     finally:
-        redis.kill()
-        redis.wait()
+        for process in [*STARTED, redis]:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 if __name__ == "__main__":
