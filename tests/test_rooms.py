@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trio_chat.protocol import (
+    NO_SUCH_ID,
     ErrorCode,
     ProtocolError,
     encode_chat,
@@ -378,6 +379,23 @@ def test_chat_to_unknown_room_is_error_2(registry: Registry) -> None:
     with pytest.raises(ProtocolError) as info:
         registry.chat(alice.session, 1, "alice", "hi")
     assert info.value.code is ErrorCode.NO_SUCH_ROOM
+
+
+def test_error_2_names_the_room_ref_unless_it_was_too_large_to_read(registry: Registry) -> None:
+    """Error 2 names a ROOM_REF read as its value (-1 included); one too large to read is
+    not repeated back."""
+    alice = Member()
+    join(registry, alice, "r", "alice")
+    descriptions = []
+    for room_ref in (-1, 7, NO_SUCH_ID):
+        with pytest.raises(ProtocolError) as info:
+            registry.chat(alice.session, room_ref, "alice", "hi")
+        descriptions.append(info.value.description)
+    assert descriptions == [
+        "no room has ROOM_REF -1",
+        "no room has ROOM_REF 7",
+        "no room has that ROOM_REF",
+    ]
 
 
 def test_chat_to_room_not_joined_is_error_3(registry: Registry) -> None:

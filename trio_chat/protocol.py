@@ -179,8 +179,9 @@ DEFAULT_MAX_NAME = 256
 # number of digits squared): it becomes NO_SUCH_ID, which names nothing either.
 _INTEGER = re.compile(r"-?[0-9]+")
 _SIGNIFICANT_DIGITS = 18
-NO_SUCH_ID = -1
-"""What a ROOM_REF or JOIN_ID too large to be assigned is read as: it names no room."""
+NO_SUCH_ID: int = -(10**_SIGNIFICANT_DIGITS)
+"""What a ROOM_REF or JOIN_ID too large to be assigned is read as: it names no room, and no
+value of at most 18 digits reads as it, so it is told apart from any number written."""
 
 # Bytes before a message's text on its first line: a one-line message of `max_message`
 # bytes needs a line limit this much larger (docs/protocol.md section 6).
