@@ -575,6 +575,19 @@ async def test_web_tls_serves_the_page_and_secure_websockets(
     assert await web.expect_close() == 1000
 
 
+async def test_web_tls_counts_a_failed_handshake(start: Start, tls_files: TLSFiles) -> None:
+    """A client that speaks plain HTTP to a --web-tls door is closed, and its failed
+    handshake is counted as on the TLS port."""
+    running = await start(web_tls=True, tls_cert=tls_files.cert, tls_key=tls_files.key)
+    stream = await trio.open_tcp_stream("127.0.0.1", running.web_port)
+    running.streams.append(stream)
+    await stream.send_all(b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+    with trio.fail_after(10):
+        while await stream.receive_some():
+            pass
+    assert running.server.counters.tls_failures == 1
+
+
 async def test_web_tls_needs_a_web_port_and_a_certificate(tls_files: TLSFiles) -> None:
     """--web-tls without --web-port or without --tls-cert is refused when the settings are
     made, and so is a certificate with neither --tls-port nor --web-tls."""

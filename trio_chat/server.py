@@ -173,6 +173,9 @@ class ChatServer:
                 pass
         await transport.aclose()
 
+    def _count_tls_failure(self) -> None:
+        self.counters.tls_failures += 1
+
     # -- what metrics read at scrape time ----------------------------------------------------
 
     def open_connections(self) -> Mapping[str, int]:
@@ -325,7 +328,7 @@ class ChatServer:
         slots = trio.Semaphore(config.max_connections)
         self.web_listeners = list(web_listeners)
         serve_web = functools.partial(self.serve_transport, listener="web")
-        door = WebDoor(config, serve_web, self.tls_context)
+        door = WebDoor(config, serve_web, self.tls_context, self._count_tls_failure)
         doors: list[tuple[str, Sequence[trio.SocketListener], SocketHandler]] = [
             ("plain", listeners, self._serve_socket),
             ("tls", tls_listeners, functools.partial(self._serve_socket, listener="tls")),
@@ -402,7 +405,7 @@ class ChatServer:
                 peer=transport.peer,
             )
             if encrypted is None:
-                self.counters.tls_failures += 1
+                self._count_tls_failure()
                 await trio.aclose_forcefully(stream)
                 return
             transport = StreamTransport(encrypted, local=transport.local, peer=transport.peer)

@@ -339,10 +339,12 @@ class WebDoor:
         config: Config,
         serve_transport: Callable[[Transport], Awaitable[None]],
         tls_context: ssl.SSLContext | None = None,
+        on_tls_failure: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
         self.serve_transport = serve_transport
         self.tls_context = tls_context  # with `Config.web_tls`: HTTPS and secure WebSockets
+        self.on_tls_failure = on_tls_failure  # for metrics: a handshake failed or timed out
 
     async def serve_socket(self, stream: trio.SocketStream) -> None:
         """Serve one accepted connection: HTTP, until it ends or becomes a WebSocket."""
@@ -364,6 +366,7 @@ class WebDoor:
                 peer=peer,
             )
             if encrypted is None:
+                self.on_tls_failure()
                 await trio.aclose_forcefully(stream)
                 return
             http_stream = encrypted
