@@ -22,7 +22,8 @@ import trio
 import trio.testing
 
 from tests.chatclient import RECEIVE_TIMEOUT, Client
-from trio_chat.cli import _TUNABLES, build_parser, config_from_args
+from trio_chat.cli import build_parser
+from trio_chat.cli.serve import _TUNABLES, config_from_args
 from trio_chat.config import KIB, MIB, Config
 from trio_chat.connection import Connection
 from trio_chat.rooms import Outcome, Registry, Session

@@ -24,7 +24,8 @@ from tests.conftest import connect_from, open_memory_connection, running_server
 from tests.redisserver import RedisProcess
 from tests.test_cli import assert_usage_error, trio_chat_command
 from tests.test_redis import settings as redis_settings
-from trio_chat.cli import build_parser, config_from_args
+from trio_chat.cli import build_parser
+from trio_chat.cli.serve import config_from_args
 from trio_chat.config import Config
 from trio_chat.limits import (
     EVERY_ADDRESS,

@@ -22,7 +22,8 @@ from tests.chatclient import Client
 from tests.conftest import TLSFiles
 from tests.test_cli import assert_runtime_error, trio_chat_command
 from tests.wsclient import Closed, Rejected, WebSocketClient, exchange, fetch
-from trio_chat.cli import build_parser, config_from_args
+from trio_chat.cli import build_parser
+from trio_chat.cli.serve import config_from_args
 from trio_chat.config import Config
 from trio_chat.limits import AddressSet
 from trio_chat.server import ChatServer

@@ -20,9 +20,9 @@ from typing import NoReturn
 from trio_chat import __version__
 from trio_chat.cli import serve
 from trio_chat.cli.options import log_level
-from trio_chat.cli.serve import _TUNABLES, StartupError, config_from_args
+from trio_chat.cli.serve import StartupError
 
-__all__ = ["_TUNABLES", "build_parser", "config_from_args", "main"]
+__all__ = ["build_parser", "main"]
 
 # The tools' commands: name, the module whose ``add_parser`` defines the command, and the
 # line ``trio-chat --help`` shows for it. A tool's module is imported only when its command
