@@ -73,9 +73,8 @@ class StreamTransport:
 
         Raises `OSError` if the client is already gone.
         """
-        local = stream.socket.getsockname()
-        peer = stream.socket.getpeername()
-        return cls(stream, local=(local[0], local[1]), peer=f"{display_ip(peer[0])}:{peer[1]}")
+        local, peer = socket_addresses(stream)
+        return cls(stream, local=local, peer=peer)
 
     async def receive(self, max_bytes: int) -> bytes | bytearray:
         """Some bytes from the stream, ``b""`` at its end (or once `send_eof` closed it)."""
@@ -113,6 +112,14 @@ class StreamTransport:
     def fileno(self) -> int | None:
         """The descriptor of a plain socket stream that is still open."""
         return self._fileno
+
+
+def socket_addresses(stream: trio.SocketStream) -> tuple[tuple[str, int], str]:
+    """The (ip, port) the client of an accepted `stream` reached, and the client as
+    ``ip:port`` for the log. Raises `OSError` if the client is already gone."""
+    local = stream.socket.getsockname()
+    peer = stream.socket.getpeername()
+    return (local[0], local[1]), f"{display_ip(peer[0])}:{peer[1]}"
 
 
 def display_ip(ip: str) -> str:

@@ -42,7 +42,7 @@ from wsproto.frame_protocol import CloseReason
 
 from trio_chat import tls
 from trio_chat.config import Config
-from trio_chat.transport import Transport, display_ip
+from trio_chat.transport import Transport, socket_addresses
 
 log = logging.getLogger("trio_chat")
 
@@ -349,12 +349,10 @@ class WebDoor:
     async def serve_socket(self, stream: trio.SocketStream) -> None:
         """Serve one accepted connection: HTTP, until it ends or becomes a WebSocket."""
         try:
-            local = stream.socket.getsockname()
-            peer_address = stream.socket.getpeername()
+            local, peer = socket_addresses(stream)
         except OSError:  # the client is already gone
             await trio.aclose_forcefully(stream)
             return
-        peer = f"{display_ip(peer_address[0])}:{peer_address[1]}"
         http_stream: trio.abc.Stream = stream
         if self.config.web_tls:
             assert self.tls_context is not None
@@ -378,7 +376,7 @@ class WebDoor:
             return
         if upgrade is not None:
             transport = WebSocketTransport(
-                http_stream, upgrade.connection, self.config, local=(local[0], local[1]), peer=peer
+                http_stream, upgrade.connection, self.config, local=local, peer=peer
             )
             await self.serve_transport(transport)
 
