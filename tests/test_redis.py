@@ -349,6 +349,11 @@ async def test_workers_share_one_port_and_stop_together(
     log = tmp_path / "workers.log"
     supervisor = await start_node_process(redis, port, log, "--workers", "2")
     try:
+        with trio.fail_after(NOTICE_TIMEOUT):  # both listening, or all clients go to one
+            while True:
+                if log.read_bytes().count(b"listening on") == 2:
+                    break
+                await trio.sleep(0.05)  # the log is a file: nothing to wait on but polling
         clients = [await connect(port) for _ in range(8)]
         for index, client in enumerate(clients):
             await client.send(join_text("shared", f"c{index}"))

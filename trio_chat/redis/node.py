@@ -151,6 +151,8 @@ class RedisBroker(Publishing):
                 nursery.start_soon(broker._publish_backlog)
                 with trio.fail_after(settings.command_timeout * 4):
                     await broker.wait_available(True)
+                    # Serve only once a KILL_SERVICE from another node can reach this one.
+                    await broker.subscriber.subscribe(broker.keys.control)
                 try:
                     yield broker
                 finally:
