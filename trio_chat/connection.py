@@ -74,7 +74,8 @@ class Service(Protocol):
 
 
 class Connection:
-    """One client: a reader that dispatches requests and a writer that sends replies."""
+    """One client: a reader task that carries out its requests, and an outbox that sends
+    what they queue for it (directly, or through a writer task when one is needed)."""
 
     def __init__(
         self,

@@ -314,9 +314,9 @@ class RequestParser:
         Returns the request and where the bytes after it begin, once the blank line that ends
         the message has arrived; else None and ``len(data)``, keeping the bytes. A message
         over the limit gives `ProtocolError` (error 4) as the event, and what it held is
-        dropped. A message is
-        held as the bytes received, in one buffer, and each byte is searched once: time and
-        memory in proportion to its size, whatever its number of lines.
+        dropped. A message is held as the bytes received, in one buffer, and each byte is
+        searched once: time and memory in proportion to its size, whatever its number of
+        lines.
         """
         partial = self._partial
         assert partial is not None
