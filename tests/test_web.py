@@ -67,7 +67,7 @@ async def start(nursery: trio.Nursery) -> AsyncIterator[Start]:
         config = Config(host="127.0.0.1", port=0, web_port=0, student_id=STUDENT_ID, **settings)
         server = ChatServer(config)
         listeners = await nursery.start(server.serve)
-        web_port = server.web_listeners[0].socket.getsockname()[1]
+        web_port = server.ports["web"]
         started.append(Running(server, listeners[0].socket.getsockname()[1], web_port))
         return started[-1]
 

@@ -66,8 +66,6 @@ class ChatServer:
     )
     shutdown_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     connections: set[Connection] = attrs.field(factory=set, init=False)
-    web_listeners: list[trio.SocketListener] = attrs.field(factory=list, init=False)
-    """The web door's listeners while it serves (none without `Config.web_port`)."""
     counters: Counters = attrs.field(factory=Counters, init=False)
     tls_context: ssl.SSLContext | None = attrs.field(default=None, init=False)
     """Built from the certificate files when the server is made: a bad file is a start-up
@@ -236,7 +234,7 @@ class ChatServer:
 
         Every listener (plain, TLS, web door, metrics) is open before any is served, so a
         port in use fails the start-up as a whole. Reports the plain listeners; `ports` has
-        every listener's port once started, `web_listeners` the web door's.
+        every listener's port once started.
         """
         config = self.config
         if config.max_line < config.max_message + MESSAGE_PREFIX:
@@ -302,8 +300,8 @@ class ChatServer:
             log.info("metrics on http://%s:%d/metrics", address[0], address[1])
         await self.serve_listeners(
             listeners,
-            web_listeners,
             tls_listeners=tls_listeners,
+            web_listeners=web_listeners,
             metrics_listener=metrics_listener,
             task_status=task_status,
         )
@@ -311,22 +309,21 @@ class ChatServer:
     async def serve_listeners(
         self,
         listeners: list[trio.SocketListener],
-        web_listeners: Sequence[trio.SocketListener] = (),
         *,
         tls_listeners: Sequence[trio.SocketListener] = (),
+        web_listeners: Sequence[trio.SocketListener] = (),
         metrics_listener: trio.SocketListener | None = None,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept on every listener until `shutdown`; at most `max_connections` at once,
         whichever door they came through. Clients of `tls_listeners` are served over TLS.
         The metrics endpoint, given its listener, runs beside them and stops with them.
-        Reports the plain `listeners` through `task_status`; the web door's are in
-        `web_listeners` and every port in `ports` by then."""
+        Reports the plain `listeners` through `task_status`; every port is in `ports` by
+        then."""
         config = self.config
         if tls_listeners and self.tls_context is None:
             raise ValueError("TLS listeners need a certificate (tls_cert)")
         slots = trio.Semaphore(config.max_connections)
-        self.web_listeners = list(web_listeners)
         serve_web = functools.partial(self.serve_transport, listener="web")
         door = WebDoor(config, serve_web, self.tls_context, self._count_tls_failure)
         doors: list[tuple[str, Sequence[trio.SocketListener], SocketHandler]] = [
