@@ -4,4 +4,4 @@ from trio_chat.config import Config
 from trio_chat.server import ChatServer, serve
 
 __all__ = ["ChatServer", "Config", "serve"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
