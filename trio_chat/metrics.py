@@ -152,7 +152,7 @@ class Observed(Protocol):
         ...
 
     def deliveries(self) -> int:
-        """Broadcasts handed to room members so far (one per message and member)."""
+        """Messages handed to room members so far (per broadcast and member, and each JOINED)."""
         ...
 
     def bus_available(self) -> bool | None:
@@ -231,7 +231,7 @@ class ServerCollector:
         )
         yield _counter(
             "deliveries_total",
-            "Broadcasts queued for room members (one per message and member).",
+            "Messages queued for room members (one per broadcast and member, one per JOINED).",
             server.deliveries(),
         )
         yield _counter(
