@@ -13,6 +13,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -286,34 +288,59 @@ def test_worker_command_line_is_the_parent_one_for_one_worker() -> None:
     ]
 
 
-async def test_worker_log_lines_carry_the_worker_number(tmp_path: Path) -> None:
-    """serve --workers 2: each worker's log lines say which worker wrote them."""
+class TwoWorkers:
+    """A running ``serve --workers 2`` through a real Redis, and its stderr so far."""
+
+    def __init__(self, supervisor: trio.Process, port: int) -> None:
+        assert supervisor.stderr is not None
+        self._stderr = supervisor.stderr
+        self._supervisor = supervisor
+        self.port = port
+        self.log = bytearray()
+
+    async def wait_for(self, marker: bytes, count: int = 2) -> None:
+        """Read stderr until `marker` has appeared `count` times (once per worker)."""
+        while self.log.count(marker) < count:
+            data = await self._stderr.receive_some()
+            assert data, self.log.decode()
+            self.log += data
+
+    async def kill_service(self) -> None:
+        """One KILL_SERVICE stops every worker; the supervisor exits 0 once stderr ends."""
+        async with await Client.connect(self.port) as client:
+            await client.send("KILL_SERVICE\n")
+            while data := await self._stderr.receive_some():
+                self.log += data
+            assert await self._supervisor.wait() == 0
+
+
+@asynccontextmanager
+async def two_workers(tmp_path: Path, *options: str) -> AsyncIterator[TwoWorkers]:
+    """Start ``serve --workers 2 OPTIONS`` on a free port through a Redis of its own."""
     redis = RedisProcess(tmp_path)
     redis.start()
     port = free_port()
     command = [sys.executable, "-m", "trio_chat", "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--redis", redis.url, "--workers", "2"]
-    log = bytearray()
+    command += ["--port", str(port), "--redis", redis.url, "--workers", "2", *options]
     try:
         supervisor = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
-        assert supervisor.stderr is not None
         try:
             with trio.fail_after(WORKERS_TIMEOUT):
-                while log.count(b"listening on") < 2:
-                    data = await supervisor.stderr.receive_some()
-                    assert data, log.decode()
-                    log += data
-                async with await Client.connect(port) as client:
-                    await client.send("KILL_SERVICE\n")
-                    while data := await supervisor.stderr.receive_some():
-                        log += data
-                    assert await supervisor.wait() == 0
+                yield TwoWorkers(supervisor, port)
         finally:
             supervisor.kill()
             await supervisor.wait()
     finally:
         redis.stop()
-    text = log.decode()
+
+
+async def test_worker_log_lines_carry_the_worker_number(tmp_path: Path) -> None:
+    """serve --workers 2: each worker's log lines say which worker wrote them."""
+    async with two_workers(tmp_path) as workers:
+        await workers.wait_for(b"listening on")
+        await workers.kill_service()
+    port = workers.port
+    text = workers.log.decode()
     for number in (1, 2):
         assert f" worker {number} INFO listening on 127.0.0.1 port {port}" in text, text
         assert f"started worker {number}: process " in text, text

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import functools
 import socket
-import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,9 +25,9 @@ from tests.chatclient import (
 from tests.conftest import TLSFiles, connect_from, connect_tls, running_server
 from tests.redisserver import RedisProcess
 from tests.test_cli import (
-    WORKERS_TIMEOUT,
     assert_runtime_error,
     trio_chat_command,
+    two_workers,
 )
 from tests.test_redis import settings as redis_settings
 from trio_chat.config import KIB, Config
@@ -406,36 +404,14 @@ def test_metrics_port_in_use_names_the_metrics_port(busy_port: int) -> None:
 
 async def test_each_worker_serves_metrics_on_a_port_of_its_own(tmp_path: Path) -> None:
     """serve --workers 2 --metrics-port P: worker 1 answers on P, worker 2 on P + 1."""
-    redis = RedisProcess(tmp_path)
-    redis.start()
-    port, metrics = free_port(), consecutive_free_ports()
-    command = [sys.executable, "-m", "trio_chat", "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--redis", redis.url, "--workers", "2"]
-    command += ["--metrics-port", str(metrics)]
-    log = bytearray()
-    try:
-        supervisor = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
-        assert supervisor.stderr is not None
-        try:
-            with trio.fail_after(WORKERS_TIMEOUT):
-                while log.count(b"metrics on http://") < 2:
-                    data = await supervisor.stderr.receive_some()
-                    assert data, log.decode()
-                    log += data
-                for worker_metrics in (metrics, metrics + 1):
-                    got = await scrape_http(worker_metrics)
-                    assert value(got, "trio_chat_redis_available") == 1
-                async with await Client.connect(port) as client:
-                    await client.send("KILL_SERVICE\n")
-                    while data := await supervisor.stderr.receive_some():
-                        log += data
-                    assert await supervisor.wait() == 0
-        finally:
-            supervisor.kill()
-            await supervisor.wait()
-    finally:
-        redis.stop()
-    text = log.decode()
+    metrics = consecutive_free_ports()
+    async with two_workers(tmp_path, "--metrics-port", str(metrics)) as workers:
+        await workers.wait_for(b"metrics on http://")
+        for worker_metrics in (metrics, metrics + 1):
+            got = await scrape_http(worker_metrics)
+            assert value(got, "trio_chat_redis_available") == 1
+        await workers.kill_service()
+    text = workers.log.decode()
     for number, worker_metrics in ((1, metrics), (2, metrics + 1)):
         assert f" worker {number} INFO metrics on http://127.0.0.1:{worker_metrics}/" in text
 
